@@ -1,0 +1,75 @@
+"""The ``sfm`` command: a thin dispatcher over the library.
+
+Each command group lives in its own module, imported only when that group runs, so
+``sfm data filter --help`` does not pay for torch. A group whose module is not present
+in this installation is not listed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+from megatron_sfm.errors import SfmError
+
+# group name -> (module with ``main(argv) -> int``, one-line help)
+GROUPS: dict[str, tuple[str, str]] = {
+    "data": ("megatron_sfm.data_tools.cli", "filter, tokenize, inspect and mix training data"),
+    "model": ("megatron_sfm.model.cli", "model presets: parameter, FLOP and memory summary"),
+    "train": ("megatron_sfm.training.cli", "pretrain or midtrain on Megatron-Core (under torchrun/srun)"),
+    "convert": ("megatron_sfm.conversion.cli", "convert checkpoints to and from Hugging Face"),
+    "eval": ("megatron_sfm.evaluation.cli", "misalignment propensity and capability evaluation"),
+    "launch": ("megatron_sfm.launch.cli", "render and submit SLURM jobs"),
+    "bench": ("megatron_sfm.benchmark.cli", "measure training throughput on mock data"),
+    "demo": ("megatron_sfm.demo.cli", "the whole experiment end to end on CPU, in minutes"),
+}
+
+
+def available_groups() -> dict[str, tuple[str, str]]:
+    """The groups whose module exists in this installation."""
+    found = {}
+    for name, (module, help_text) in GROUPS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def _usage(groups: dict[str, tuple[str, str]]) -> str:
+    width = max(len(n) for n in groups) if groups else 0
+    lines = ["usage: sfm COMMAND [ARGS...]", "", "megatron-sfm: alignment pretraining on Megatron-Core", "", "commands:"]
+    for name, (_, help_text) in groups.items():
+        lines.append(f"  {name.ljust(width)}  {help_text}")
+    lines += ["", "Run 'sfm COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    groups = available_groups()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(groups))
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from megatron_sfm import __version__
+
+        print(f"megatron-sfm {__version__}")
+        return 0
+    name = argv[0]
+    if name not in groups:
+        print(f"error: unknown command {name!r}; known: {', '.join(groups)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(groups[name][0])
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except SfmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""megatron-sfm: alignment-pretraining experiments on Megatron-Core.
+
+The three side folders (kernels/, data_tools/, evaluation/) install as subpackages of
+``megatron_sfm`` through ``package_dir`` so that nothing shadows another distribution's
+top-level name (PyPI's ``kernels`` is imported by transformers).
+"""
+from setuptools import find_packages, setup
+
+SIDE_FOLDERS = ("kernels", "data_tools", "evaluation")
+
+
+def _packages():
+    packages = find_packages(include=["megatron_sfm", "megatron_sfm.*"])
+    package_dir = {"megatron_sfm": "megatron_sfm"}
+    for folder in SIDE_FOLDERS:
+        name = f"megatron_sfm.{folder}"
+        package_dir[name] = folder
+        packages.append(name)
+        for sub in find_packages(where=folder):
+            packages.append(f"{name}.{sub}")
+            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
+setup(
+    name="megatron-sfm",
+    version="0.1.0",
+    description="Alignment pretraining (AI-discourse data conditions) on NVIDIA Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    include_package_data=True,
+    package_data={
+        "megatron_sfm": ["config/presets/*.yaml", "resources/**/*"],
+        "megatron_sfm.data_tools": ["resources/**/*", "resources/*"],
+        "megatron_sfm.evaluation": ["resources/**/*", "resources/*"],
+    },
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.4",
+        "numpy",
+        "psutil",  # megatron-core's dist_checkpointing save hangs without it (undeclared)
+        "tokenizers",
+        "sentencepiece",
+        "triton; platform_system == 'Linux'",
+        "transformers",
+        "safetensors",
+        "tensorboard",
+        "pyyaml",
+        "rich",
+        "matplotlib",
+        "pyahocorasick",
+        "zstandard",
+        "pyarrow",
+        "gigatoken",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "eval": ["lm-eval[hf]==0.4.13", "accelerate"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+    },
+    entry_points={"console_scripts": ["sfm=megatron_sfm.cli:main"]},
+)
