@@ -1,1 +1,18 @@
+"""Misalignment-propensity and capability evaluation (``sfm eval``).
 
+Light at import time: heavy modules (torch, transformers, lm-eval) are imported inside
+the functions that need them.
+
+- :mod:`.questions`: the scenario schema, loader and bundled illustrative set.
+- :mod:`.formats`: the 4 syntax templates x 2 answer orders and the persona preambles.
+- :mod:`.models`: resolve a Hugging Face folder or one of our Megatron checkpoints.
+- :mod:`.scoring`: log-prob letter scoring and generate-and-parse answering.
+- :mod:`.stats`: mean and standard error over formats.
+- :mod:`.propensity`: the protocol end to end.
+- :mod:`.report`: results.json / results.md / bar chart / console table.
+- :mod:`.capabilities`: lm-evaluation-harness through its Python API.
+"""
+
+from megatron_sfm.evaluation.questions import Question, load_questions
+
+__all__ = ["Question", "load_questions"]

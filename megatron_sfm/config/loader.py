@@ -69,6 +69,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -164,6 +169,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 nxt = node[part] = dict(nxt)
             node = nxt
         node[path[-1]] = value
+        if path[0] == "model":
+            data = _expand_presets(data)
     return data
 
 

@@ -114,6 +114,7 @@ class TrainingConfig:
     eval_iters: int = 2
     max_consecutive_nonfinite: int = 5  # stop (after saving) past this many skipped steps
     recompute_activations: bool = False
+    exit_interval: Optional[int] = None  # stop (after saving) at an iteration multiple of this
 
 
 @dataclass
@@ -130,6 +131,8 @@ class DataConfig:
     split_seed: int = 1234
     num_workers: int = 0
     cache_dir: Optional[str] = None  # Megatron's dataset index cache; None: beside the blend
+    eod_token_id: int = 0  # end-of-document id (GPT-NeoX tokenizer: 0, "<|endoftext|>")
+    pad_token_id: Optional[int] = None  # None: no padding token in the data (loss never masked by id)
 
 
 @dataclass
@@ -140,12 +143,14 @@ class CheckpointConfig:
     init_from: Optional[str] = None  # start fresh from these weights (midtraining)
     async_save: bool = True  # on GPU; CPU saves are synchronous
     keep_last: int = 0  # 0: keep all
+    load_optimizer: bool = True  # False: resume model weights and progress, fresh optimizer state
 
 
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None  # None: <checkpoint.save>/tensorboard when saving
     log_memory: bool = True
+    peak_tflops: Optional[float] = None  # per-GPU peak for MFU; None: looked up (H100 SXM dense)
 
 
 @dataclass

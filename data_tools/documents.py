@@ -1,0 +1,220 @@
+"""Reading and writing document shards: JSONL, JSONL.gz, JSONL.zst and Parquet.
+
+A shard is one file of documents, one JSON object per line (optionally compressed) or
+one Parquet row per document. Readers yield :class:`Record` objects that keep the
+original line bytes, so a stage that passes a document through unchanged (the
+filter's ``kept`` shards) writes it back byte for byte, every field preserved.
+
+Errors name the file and the 1-based line (JSONL) or row (Parquet).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from megatron_sfm.errors import SfmError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def shard_format(path: str | os.PathLike) -> str:
+    """The format of a shard from its name: ``jsonl``, ``jsonl.gz``, ``jsonl.zst`` or ``parquet``."""
+    name = Path(path).name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".gz"):
+        return "jsonl.gz"
+    if name.endswith(".zst") or name.endswith(".zstd"):
+        return "jsonl.zst"
+    if name.endswith(".jsonl") or name.endswith(".json") or name.endswith(".ndjson"):
+        return "jsonl"
+    raise SfmError(f"{path}: unknown shard format (expected .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Expand folders into their shards (sorted), keep files as given, reject missing paths."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_shard(p))
+            if not found:
+                raise SfmError(f"{path}: folder contains no .jsonl/.jsonl.gz/.jsonl.zst/.parquet shards")
+            out.extend(found)
+        elif path.is_file():
+            shard_format(path)  # validates the suffix
+            out.append(path)
+        else:
+            raise SfmError(f"{path}: no such file or folder")
+    if not out:
+        raise SfmError("no input shards given")
+    return out
+
+
+def _is_shard(path: Path) -> bool:
+    try:
+        shard_format(path)
+    except SfmError:
+        return False
+    return not path.name.startswith(".")
+
+
+def open_binary(path: str | os.PathLike, mode: str = "rb", fmt: str | None = None) -> BinaryIO:
+    """Open a (possibly compressed) JSONL shard as a binary stream, reading or writing.
+
+    ``fmt`` overrides the format read from the name (for temporary output names).
+    """
+    fmt = fmt or shard_format(path)
+    if fmt == "jsonl":
+        return open(path, mode)  # noqa: SIM115
+    if fmt == "jsonl.gz":
+        # mtime=0 keeps compressed output reproducible byte for byte
+        if "w" in mode:
+            return gzip.GzipFile(filename="", fileobj=open(path, mode), mode=mode, mtime=0)  # noqa: SIM115
+        return gzip.open(path, mode)  # noqa: SIM115
+    if fmt == "jsonl.zst":
+        import zstandard
+
+        if "w" in mode:
+            return zstandard.ZstdCompressor(level=3).stream_writer(open(path, mode), closefd=True)  # noqa: SIM115
+        return zstandard.ZstdDecompressor().stream_reader(open(path, mode), closefd=True)  # noqa: SIM115
+    raise SfmError(f"{path}: not a JSONL shard")
+
+
+@dataclass
+class Record:
+    """One document: its parsed fields, where it came from, and its original bytes."""
+
+    doc: dict[str, Any]
+    source: str
+    line: int  # 1-based line (JSONL) or row (Parquet)
+    raw: bytes | None = None  # the original JSONL line without its newline
+
+
+def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, line_bytes)`` for each non-blank line, newline stripped."""
+    with open_binary(path, "rb") as raw:
+        stream = io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
+        for number, line in enumerate(stream, start=1):
+            line = line.rstrip(b"\r\n")
+            if line.strip():
+                yield number, line
+
+
+def parse_json_line(line: bytes, source: str, number: int) -> dict[str, Any]:
+    """Parse one JSONL line into a dict, or raise SfmError naming ``source:number``."""
+    try:
+        doc = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SfmError(f"{source}:{number}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise SfmError(f"{source}:{number}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def iter_records(path: str | os.PathLike, *, skip_bad_lines: bool = False, bad_lines: list | None = None) -> Iterator[Record]:
+    """Yield every document of a shard. Bad JSONL lines raise, or are counted into ``bad_lines``."""
+    source = str(path)
+    if shard_format(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for doc in batch.to_pylist():
+                row += 1
+                yield Record(doc, source, row)
+        return
+    for number, line in iter_jsonl_lines(path):
+        try:
+            doc = parse_json_line(line, source, number)
+        except SfmError:
+            if not skip_bad_lines:
+                raise
+            if bad_lines is not None:
+                bad_lines.append((source, number))
+            continue
+        yield Record(doc, source, number, line)
+
+
+def text_of(record: Record, text_key: str) -> str:
+    """The text field of a document, or SfmError naming file, line and key."""
+    try:
+        value = record.doc[text_key]
+    except KeyError:
+        raise SfmError(f"{record.source}:{record.line}: document has no key {text_key!r}") from None
+    if not isinstance(value, str):
+        raise SfmError(f"{record.source}:{record.line}: key {text_key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+class ShardWriter:
+    """Write documents to one shard in a given format (same formats as the readers).
+
+    JSONL records that carry their original bytes and no added fields are written back
+    unchanged. Parquet output keeps the input's schema, plus any added columns.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str, parquet_schema=None):
+        self.path = Path(path)
+        self.fmt = fmt
+        self.count = 0
+        if fmt == "parquet":
+            self._rows: list[dict[str, Any]] = []
+            self._schema = parquet_schema
+            self._writer = None
+        else:
+            self._stream = open_binary(self.path, "wb", fmt)
+
+    def write(self, record: Record, extra: dict[str, Any] | None = None) -> None:
+        self.count += 1
+        if self.fmt == "parquet":
+            doc = dict(record.doc)
+            if extra:
+                doc.update(extra)
+            self._rows.append(doc)
+            if len(self._rows) >= 4096:
+                self._flush_parquet()
+            return
+        if extra is None and record.raw is not None:
+            line = record.raw
+        else:
+            doc = dict(record.doc)
+            if extra:
+                doc.update(extra)
+            line = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        self._stream.write(line + b"\n")
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows and self._writer is not None:
+            return
+        table = pa.Table.from_pylist(self._rows, schema=self._schema) if self._schema is not None else pa.Table.from_pylist(self._rows)
+        if self._writer is None:
+            self._schema = table.schema
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+        self._rows = []
+
+    def close(self) -> None:
+        if self.fmt == "parquet":
+            self._flush_parquet()
+            if self._writer is not None:
+                self._writer.close()
+        else:
+            self._stream.close()
+
+
+def parquet_schema(path: str | os.PathLike):
+    """The Arrow schema of a Parquet shard."""
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path)

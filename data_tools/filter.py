@@ -1,0 +1,436 @@
+"""The AI-discourse filter: rule-based, case-insensitive, whole-word term matching.
+
+Rules (after the paper's design; see docs/data.md):
+
+* **instant**: a match of any term from an instant-flag category (science-fiction AI
+  characters, AI-safety organisations, AI labs, general AI terms) flags the document.
+* **two_stage**: an intelligent-entity term ("AI", "robot", ...) together with a term
+  from any negative category (negative verbs, adjectives, nouns, existential-risk
+  terms) in the same document flags it; with a ``window`` of W words, the two must
+  start at most W words apart.
+
+Matching is one Aho-Corasick pass (pyahocorasick) over a normalised copy of the text:
+ASCII letters lower-cased, every other ASCII character (punctuation, whitespace) turned
+into a space, non-ASCII bytes kept. Terms are normalised the same way and padded with
+a space on both sides, so every automaton hit is a whole-word (or whole-phrase) match:
+"AI" matches "AI," and "(AI)" but not "said" or "AIM". Non-ASCII letters are not
+case-folded (the shipped lists are ASCII).
+
+Term lists are editable text files, one per category (``resources/filter_lists`` holds
+the defaults); ``lists.yaml`` in the same folder says which category plays which part.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_sfm.errors import SfmError
+
+DEFAULT_LISTS_DIR = Path(__file__).parent / "resources" / "filter_lists"
+AUDIT_KEY = "sfm_filter"
+
+# bytes -> bytes table: A-Z -> a-z, other ASCII non-alphanumerics -> space, bytes >= 0x80 kept
+_TABLE = bytearray(range(256))
+for _c in range(128):
+    _ch = chr(_c)
+    _TABLE[_c] = ord(_ch.lower()) if _ch.isalnum() else 0x20
+_TABLE = bytes(_TABLE)
+
+
+def normalize(text: str) -> str:
+    """The matcher's view of ``text``: lower-cased ASCII, punctuation as spaces, space-padded.
+
+    Returned as a one-byte-per-character string (UTF-8 bytes decoded as latin-1), which
+    keeps the translation at C speed; positions in it are byte offsets of the UTF-8 text.
+    """
+    return " " + text.encode("utf-8", "surrogatepass").translate(_TABLE).decode("latin-1") + " "
+
+
+def normalize_term(term: str) -> str:
+    """A term's automaton key: normalised, inner spaces collapsed, padded with one space each side."""
+    words = normalize(term).split()
+    return " " + " ".join(words) + " " if words else ""
+
+
+@dataclass
+class TermLists:
+    """The categories' terms and the part each category plays in the rules."""
+
+    categories: dict[str, list[str]]
+    instant: list[str]
+    entity: str
+    negative: list[str]
+    window: int | None = None
+    source: str = ""
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike | None = None, window: int | None = None) -> "TermLists":
+        """Read ``folder`` (default: the shipped lists). ``window`` overrides lists.yaml's."""
+        import yaml
+
+        folder = Path(folder) if folder is not None else DEFAULT_LISTS_DIR
+        if not folder.is_dir():
+            raise SfmError(f"{folder}: term-list folder not found")
+        spec_path = folder / "lists.yaml"
+        if spec_path.exists():
+            try:
+                spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise SfmError(f"{spec_path}: invalid YAML ({exc})") from None
+        else:
+            spec = yaml.safe_load((DEFAULT_LISTS_DIR / "lists.yaml").read_text(encoding="utf-8"))
+        for key in ("instant", "entity", "negative"):
+            if key not in spec:
+                raise SfmError(f"{spec_path}: missing key {key!r}")
+        instant = _as_names(spec["instant"], spec_path, "instant")
+        negative = _as_names(spec["negative"], spec_path, "negative")
+        entity = spec["entity"]
+        if not isinstance(entity, str):
+            raise SfmError(f"{spec_path}: key 'entity' must name one list")
+        win = spec.get("window") if window is None else window
+        if win is not None and (not isinstance(win, int) or win < 0):
+            raise SfmError(f"{spec_path}: key 'window' must be a non-negative integer or null")
+        categories = {}
+        for name in [*instant, entity, *negative]:
+            if name in categories:
+                raise SfmError(f"{spec_path}: list {name!r} is named twice")
+            categories[name] = read_terms(folder / f"{name}.txt")
+        return cls(categories, instant, entity, negative, win, str(folder))
+
+
+def _as_names(value: Any, path: Path, key: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SfmError(f"{path}: key {key!r} must be a list of list names")
+    return value
+
+
+def read_terms(path: Path) -> list[str]:
+    """Terms of one list file: one per line; blank lines and '#' comments ignored."""
+    if not path.exists():
+        raise SfmError(f"{path}: term list not found")
+    terms = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        term = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if not term:
+            continue
+        if not normalize_term(term):
+            raise SfmError(f"{path}:{number}: term {term!r} has no letters or digits")
+        terms.append(term)
+    return terms
+
+
+@dataclass
+class Decision:
+    """Why a document was flagged: the rule, the categories involved and the matched terms."""
+
+    rule: str  # "instant" or "two_stage"
+    categories: list[str]
+    matches: list[dict[str, str]] = field(default_factory=list)  # [{"category", "term"}], sorted
+
+    def audit(self) -> dict[str, Any]:
+        return {"rule": self.rule, "categories": list(self.categories), "matches": list(self.matches)}
+
+
+class DiscourseFilter:
+    """One Aho-Corasick automaton over every list; ``classify`` is one pass per document."""
+
+    def __init__(self, lists: TermLists):
+        import ahocorasick
+
+        self.lists = lists
+        keys: dict[str, tuple[str, list[str]]] = {}
+        for category, terms in lists.categories.items():
+            for term in terms:
+                key = normalize_term(term)
+                if key in keys:
+                    if category not in keys[key][1]:
+                        keys[key][1].append(category)
+                else:
+                    keys[key] = (term, [category])
+        self._automaton = ahocorasick.Automaton()
+        for key, (term, cats) in keys.items():
+            self._automaton.add_word(key, (len(key), term, tuple(cats)))
+        self._automaton.make_automaton()
+        self._instant = set(lists.instant)
+        self._negative = set(lists.negative)
+        self._entity = lists.entity
+
+    def classify(self, text: str) -> Decision | None:
+        """The flagging decision for one document's text, or None when it is kept."""
+        norm = normalize(text)
+        hits: dict[str, list[tuple[int, str]]] = {}
+        for end, (length, term, cats) in self._automaton.iter(norm):
+            start = end - length + 2  # first character of the term's first word
+            for cat in cats:
+                hits.setdefault(cat, []).append((start, term))
+        if not hits:
+            return None
+        instant = [c for c in self.lists.instant if c in hits]
+        if instant:
+            return Decision("instant", instant, _matches(hits, instant))
+        if self._entity not in hits:
+            return None
+        negative = [c for c in self.lists.negative if c in hits]
+        if not negative:
+            return None
+        if self.lists.window is not None:
+            negative = self._within_window(norm, hits, negative)
+            if not negative:
+                return None
+        cats = [self._entity, *negative]
+        return Decision("two_stage", cats, _matches(hits, cats))
+
+    def _within_window(self, norm: str, hits: dict, negative: list[str]) -> list[str]:
+        """Keep the negative categories (and their hits) that start within ``window`` words of an entity hit."""
+        positions = sorted({p for cat in [self._entity, *negative] for p, _ in hits[cat]})
+        word_at, count, prev = {}, 0, 0
+        for p in positions:
+            count += len(norm[prev:p].split())
+            word_at[p] = count
+            prev = p
+        entity_words = sorted(word_at[p] for p, _ in hits[self._entity])
+        window = self.lists.window
+        kept_entity: set[int] = set()
+        kept = []
+        for cat in negative:
+            close = []
+            for p, term in hits[cat]:
+                w = word_at[p]
+                near = [e for e in entity_words if abs(e - w) <= window]
+                if near:
+                    close.append((p, term))
+                    kept_entity.update(near)
+            if close:
+                hits[cat] = close
+                kept.append(cat)
+        if kept:
+            hits[self._entity] = [(p, t) for p, t in hits[self._entity] if word_at[p] in kept_entity]
+        return kept
+
+
+def _matches(hits: dict[str, list[tuple[int, str]]], categories: list[str]) -> list[dict[str, str]]:
+    out = []
+    for cat in categories:
+        for term in sorted({t for _, t in hits[cat]}):
+            out.append({"category": cat, "term": term})
+    return out
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardResult:
+    """Counts for one input shard (summed into report.json)."""
+
+    shard: str
+    documents: int = 0
+    flagged: int = 0
+    bytes: int = 0
+    flagged_bytes: int = 0
+    rules: Counter = field(default_factory=Counter)
+    categories: Counter = field(default_factory=Counter)
+    terms: Counter = field(default_factory=Counter)
+
+
+def filter_shard(task: tuple[str, str, str, str | None, int | None, str]) -> ShardResult:
+    """Filter one shard into ``out/kept/<name>`` and ``out/flagged/<name>`` (worker entry point)."""
+    from megatron_sfm.data_tools import documents as docs
+    from megatron_sfm.utils.io import atomic_path
+
+    path, out_dir, name, lists_dir, window, text_key = task
+    flt = _worker_filter(lists_dir, window)
+    fmt = docs.shard_format(path)
+    result = ShardResult(shard=path)
+    schema = flagged_schema = None
+    if fmt == "parquet":
+        import pyarrow as pa
+
+        schema = docs.parquet_schema(path)
+        audit_type = pa.struct(
+            [("rule", pa.string()), ("categories", pa.list_(pa.string())),
+             ("matches", pa.list_(pa.struct([("category", pa.string()), ("term", pa.string())])))]
+        )
+        base = schema.remove(schema.get_field_index(AUDIT_KEY)) if AUDIT_KEY in schema.names else schema
+        flagged_schema = base.append(pa.field(AUDIT_KEY, audit_type))
+    kept_path = Path(out_dir) / "kept" / name
+    flagged_path = Path(out_dir) / "flagged" / name
+    with atomic_path(kept_path) as kept_tmp, atomic_path(flagged_path) as flagged_tmp:
+        kept_w = docs.ShardWriter(kept_tmp, fmt, schema)
+        flagged_w = docs.ShardWriter(flagged_tmp, fmt, flagged_schema)
+        try:
+            for record in docs.iter_records(path):
+                text = docs.text_of(record, text_key)
+                size = len(text.encode("utf-8", "surrogatepass"))
+                result.documents += 1
+                result.bytes += size
+                decision = flt.classify(text)
+                if decision is None:
+                    kept_w.write(record)
+                    continue
+                result.flagged += 1
+                result.flagged_bytes += size
+                result.rules[decision.rule] += 1
+                result.categories.update(decision.categories)
+                result.terms.update({m["term"] for m in decision.matches})
+                flagged_w.write(record, {AUDIT_KEY: decision.audit()})
+        finally:
+            kept_w.close()
+            flagged_w.close()
+    return result
+
+
+_FILTER_CACHE: dict[tuple, DiscourseFilter] = {}
+
+
+def _worker_filter(lists_dir: str | None, window: int | None) -> DiscourseFilter:
+    key = (lists_dir, window)
+    if key not in _FILTER_CACHE:
+        _FILTER_CACHE[key] = DiscourseFilter(TermLists.load(lists_dir, window=window))
+    return _FILTER_CACHE[key]
+
+
+def output_names(shards: list[Path], inputs: list[str | os.PathLike]) -> list[str]:
+    """Output names for the shards: the path under the input folder it came from, or the file name."""
+    roots = [Path(i) for i in inputs if Path(i).is_dir()]
+    names = []
+    for shard in shards:
+        name = shard.name
+        for root in roots:
+            try:
+                name = str(shard.relative_to(root))
+                break
+            except ValueError:
+                continue
+        names.append(name)
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    if dupes:
+        raise SfmError(f"two input shards would both be written as {dupes[0]!r}; rename one")
+    return names
+
+
+def run_filter(
+    inputs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    lists_dir: str | os.PathLike | None = None,
+    window: int | None = None,
+    text_key: str = "text",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Filter every shard of ``inputs`` into ``out_dir`` and write ``out_dir/report.json``.
+
+    Returns the report (see docs/data.md for its keys).
+    """
+    import multiprocessing as mp
+
+    from megatron_sfm.data_tools import documents as docs
+    from megatron_sfm.utils.io import write_json
+
+    shards = docs.expand_inputs(inputs)
+    names = output_names(shards, inputs)
+    lists = TermLists.load(lists_dir, window=window)  # validate before starting workers
+    DiscourseFilter(lists)
+    lists_arg = str(lists_dir) if lists_dir is not None else None
+    tasks = [(str(s), str(out_dir), n, lists_arg, window, text_key) for s, n in zip(shards, names)]
+    total_bytes = sum(s.stat().st_size for s in shards)
+    results: list[ShardResult] = []
+    workers = max(1, min(workers, len(tasks)))
+    with _progress(progress, "filter", total_bytes) as bar:
+        if workers == 1:
+            for task, shard in zip(tasks, shards):
+                results.append(filter_shard(task))
+                bar.advance(shard.stat().st_size, results[-1])
+        else:
+            sizes = {str(s): s.stat().st_size for s in shards}
+            with mp.get_context("fork").Pool(workers) as pool:
+                for res in pool.imap_unordered(filter_shard, tasks):
+                    results.append(res)
+                    bar.advance(sizes[res.shard], res)
+    results.sort(key=lambda r: r.shard)
+    report = build_report(results, lists, text_key)
+    write_json(Path(out_dir) / "report.json", report)
+    return report
+
+
+def build_report(results: list[ShardResult], lists: TermLists, text_key: str, top_terms: int = 50) -> dict[str, Any]:
+    """Sum shard results into the report.json dictionary."""
+    rules, cats, terms = Counter(), Counter(), Counter()
+    for r in results:
+        rules.update(r.rules)
+        cats.update(r.categories)
+        terms.update(r.terms)
+    documents = sum(r.documents for r in results)
+    flagged = sum(r.flagged for r in results)
+    return {
+        "documents": documents,
+        "flagged": flagged,
+        "kept": documents - flagged,
+        "flag_rate": flagged / documents if documents else 0.0,
+        "bytes": sum(r.bytes for r in results),
+        "flagged_bytes": sum(r.flagged_bytes for r in results),
+        "rules": {k: rules.get(k, 0) for k in ("instant", "two_stage")},
+        "categories": {c: cats.get(c, 0) for c in lists.categories},
+        "top_terms": [{"term": t, "documents": n} for t, n in sorted(terms.items(), key=lambda kv: (-kv[1], kv[0]))[:top_terms]],
+        "window": lists.window,
+        "lists": lists.source,
+        "text_key": text_key,
+        "shards": [
+            {"shard": r.shard, "documents": r.documents, "flagged": r.flagged, "bytes": r.bytes} for r in results
+        ],
+    }
+
+
+class _progress:
+    """A rich progress bar over input bytes (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+        self.docs = 0
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+            self._p = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                               TextColumn("{task.fields[docs]} docs"), TimeElapsedColumn(), transient=False)
+            self._p.__enter__()
+            self._task = self._p.add_task(self.label, total=self.total, docs=0)
+        return self
+
+    def advance(self, nbytes: int, result: ShardResult | None = None) -> None:
+        if result is not None:
+            self.docs += result.documents
+        if self.enabled:
+            self._p.update(self._task, advance=nbytes, docs=self.docs)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)
+        return False
+
+
+def summary_table(report: dict[str, Any]):
+    """A rich Table summarising a filter report."""
+    from rich.table import Table
+
+    table = Table(title="AI-discourse filter")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("documents", f"{report['documents']:,}")
+    table.add_row("flagged", f"{report['flagged']:,} ({100 * report['flag_rate']:.2f}%)")
+    table.add_row("text bytes", f"{report['bytes']:,}")
+    for rule, n in report["rules"].items():
+        table.add_row(f"rule {rule}", f"{n:,}")
+    for cat, n in report["categories"].items():
+        table.add_row(f"category {cat}", f"{n:,}")
+    top = ", ".join(f"{t['term']} ({t['documents']})" for t in report["top_terms"][:8])
+    table.add_row("top terms", top or "-")
+    return table

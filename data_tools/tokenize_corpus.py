@@ -1,0 +1,343 @@
+"""Tokenize document shards into Megatron-Core's indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``).
+
+Output is byte-identical to Megatron-LM's ``tools/preprocess_data.py`` (tag
+core_v0.16.1, document level, ``--append-eod``) for the same input and tokenizer:
+
+* one sequence per document: its ids followed by the EOD id;
+* a document whose text encodes to no tokens is recorded as a document with no
+  sequence and no EOD (what ``Encoder.encode`` + ``add_document`` do for it);
+* token dtype ``uint16`` when the tokenizer's vocabulary (added tokens included) has
+  fewer than 65500 ids, else ``int32`` (``DType.optimal_dtype``);
+* written through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``.
+
+Work is split into chunks of consecutive lines (about ``chunk_bytes`` each) that worker
+processes parse and encode; the parent writes results in input order, so the files
+are the same for any number of workers. Workers are forked before the parent imports
+Megatron-Core (which imports torch), so they stay light; the parent does that import
+in a background thread while the first chunks are encoded.
+
+Files are written under temporary names and renamed (``.bin`` first, then ``.idx``)
+only when complete; an existing ``.idx`` is removed before the new ``.bin`` is put in
+place, so an interrupted run never leaves a matching ``.bin``/``.idx`` pair behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from megatron_sfm.errors import SfmError
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class Chunk:
+    """Consecutive documents of one shard: raw JSONL lines, or Parquet texts."""
+
+    source: str
+    first_line: int  # 1-based line (or row) number of the first line in ``data``
+    data: bytes | list[str]
+    nbytes: int
+
+
+@dataclass
+class Encoded:
+    """A chunk's tokens: flat ids (EOD included) and per-document token counts."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray  # per document, EOD included; 0 for a document with no tokens
+    text_bytes: int
+    input_bytes: int
+    bad_lines: list[tuple[str, int]] = field(default_factory=list)
+
+
+def iter_chunks(shards: list[Path], text_key: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Cut every shard into chunks of whole lines (JSONL) or rows (Parquet), in order."""
+    from megatron_sfm.data_tools import documents as docs
+
+    for shard in shards:
+        source = str(shard)
+        if docs.shard_format(shard) == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(shard)
+            if text_key not in pf.schema_arrow.names:
+                raise SfmError(f"{shard}: no column {text_key!r}")
+            row = 1
+            for batch in pf.iter_batches(batch_size=8192, columns=[text_key]):
+                texts = batch.column(0).to_pylist()
+                for i, t in enumerate(texts):
+                    if not isinstance(t, str):
+                        raise SfmError(f"{shard}:{row + i}: key {text_key!r} is {type(t).__name__}, not a string")
+                yield Chunk(source, row, texts, sum(len(t) for t in texts))
+                row += len(texts)
+            continue
+        line = 1
+        with docs.open_binary(shard, "rb") as f:
+            while True:
+                block = f.read(chunk_bytes)
+                if not block:
+                    break
+                if not block.endswith(b"\n"):
+                    block += _readline(f)
+                yield Chunk(source, line, block, len(block))
+                line += block.count(b"\n")
+
+
+def _readline(f) -> bytes:
+    """The rest of the current line from a binary stream (works for zstd readers without readline)."""
+    if hasattr(f, "readline"):
+        try:
+            return f.readline()
+        except (AttributeError, OSError, NotImplementedError):  # zstandard stream readers
+            pass
+    out = bytearray()
+    while True:
+        b = f.read(1)
+        if not b:
+            break
+        out += b
+        if b == b"\n":
+            break
+    return bytes(out)
+
+
+# Worker-process state (set by _init_worker).
+_TOK = None
+_CFG: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, backend: str, eod_token: str | None, cfg: dict[str, Any]) -> None:
+    global _TOK, _CFG
+    from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+    _TOK = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
+    _CFG = cfg
+
+
+def encode_chunk(chunk: Chunk) -> Encoded:
+    """Parse and encode one chunk (in a worker); bad JSON raises SfmError naming file:line."""
+    text_key, skip_bad, append_eod, dtype = _CFG["text_key"], _CFG["skip_bad_lines"], _CFG["append_eod"], _CFG["dtype"]
+    bad: list[tuple[str, int]] = []
+    if isinstance(chunk.data, list):
+        texts = chunk.data
+    else:
+        texts = []
+        for i, line in enumerate(chunk.data.split(b"\n")):
+            if not line.strip():
+                continue
+            number = chunk.first_line + i
+            try:
+                doc = json.loads(line)
+                text = doc[text_key]
+                if not isinstance(text, str):
+                    raise TypeError(f"key {text_key!r} is {type(text).__name__}, not a string")
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                if skip_bad:
+                    bad.append((chunk.source, number))
+                    continue
+                what = f"no key {text_key!r}" if isinstance(exc, KeyError) else str(exc)
+                if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError):
+                    what = f"invalid JSON ({exc})"
+                raise SfmError(f"{chunk.source}:{number}: {what}") from None
+            texts.append(text)
+    flat, lengths = _TOK.encode_batch(texts, parallel=False)
+    text_bytes = sum(len(t) for t in texts) if isinstance(chunk.data, list) else chunk.nbytes
+    if append_eod and len(lengths):
+        nonempty = lengths > 0
+        # insert the EOD after each non-empty document
+        ends = np.cumsum(lengths)[nonempty]
+        flat = np.insert(flat.astype(dtype, copy=False), ends, _TOK.eod_id)
+        lengths = lengths + nonempty
+    return Encoded(flat.astype(dtype, copy=False), lengths, text_bytes, chunk.nbytes, bad)
+
+
+def tokenize_to_indexed(
+    inputs: list[str | os.PathLike],
+    tokenizer_path: str | os.PathLike,
+    out_prefix: str | os.PathLike,
+    *,
+    workers: int = 1,
+    text_key: str = "text",
+    skip_bad_lines: bool = False,
+    append_eod: bool = True,
+    backend: str = "auto",
+    eod_token: str | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``inputs`` (shards or folders) into ``out_prefix.bin/.idx``; return a summary dict.
+
+    Summary keys: ``documents``, ``empty_documents``, ``tokens`` (EOD included),
+    ``bad_lines``, ``input_bytes``, ``seconds``, ``dtype``, ``vocab_size``, ``eod_id``,
+    ``backend``, ``workers``, ``prefix``.
+    """
+    import multiprocessing as mp
+
+    from megatron_sfm.data_tools import documents as docs
+    from megatron_sfm.data_tools.indexed import optimal_dtype
+    from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+    start = time.perf_counter()
+    shards = docs.expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
+    dtype = optimal_dtype(tok.vocab_size)
+    cfg = {"text_key": text_key, "skip_bad_lines": skip_bad_lines, "append_eod": append_eod, "dtype": dtype}
+    init_args = (str(tokenizer_path), backend, eod_token, cfg)
+    out_prefix = str(out_prefix)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    total_bytes = sum(s.stat().st_size for s in shards)
+
+    pool = None
+    if workers > 1:
+        # Fork before Megatron-Core (and torch) is imported, so workers stay light.
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+        results = pool.imap(encode_chunk, iter_chunks(shards, text_key, chunk_bytes), chunksize=1)
+    else:
+        _init_worker(*init_args)
+        results = (encode_chunk(c) for c in iter_chunks(shards, text_key, chunk_bytes))
+
+    megatron: dict[str, Any] = {}
+    importer = threading.Thread(target=_import_indexed_dataset, args=(megatron,), daemon=True)
+    importer.start()
+
+    tmp_bin = _tmp_name(out_prefix + ".bin")
+    tmp_idx = _tmp_name(out_prefix + ".idx")
+    summary = {"documents": 0, "empty_documents": 0, "tokens": 0, "bad_lines": 0, "input_bytes": 0}
+    bad_examples: list[str] = []
+    try:
+        with _TokenizeProgress(progress, total_bytes) as bar:
+            first = next(results, None)
+            importer.join()
+            if "error" in megatron:
+                raise megatron["error"]
+            indexed_dataset = megatron["module"]
+            assert indexed_dataset.DType.optimal_dtype(tok.vocab_size) == dtype
+            builder = indexed_dataset.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+            empty = np.zeros(0, dtype)
+            chain = [first] if first is not None else []
+            for enc in _chain(chain, results):
+                offset = 0
+                for n in enc.lengths.tolist():
+                    if n:
+                        builder.add_document(enc.tokens[offset : offset + n], [n])
+                        offset += n
+                    else:
+                        builder.add_document(empty, [])
+                        summary["empty_documents"] += 1
+                ndocs = len(enc.lengths)
+                summary["documents"] += ndocs
+                summary["tokens"] += int(enc.lengths.sum())
+                summary["bad_lines"] += len(enc.bad_lines)
+                summary["input_bytes"] += enc.input_bytes
+                bad_examples += [f"{s}:{n}" for s, n in enc.bad_lines[: max(0, 5 - len(bad_examples))]]
+                bar.advance(enc.input_bytes, ndocs)
+            builder.finalize(tmp_idx)
+        # Put the new pair in place: drop any old index first, then .bin, then .idx last.
+        Path(out_prefix + ".idx").unlink(missing_ok=True)
+        os.replace(tmp_bin, out_prefix + ".bin")
+        os.replace(tmp_idx, out_prefix + ".idx")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        for p in (tmp_bin, tmp_idx):
+            Path(p).unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    summary.update(
+        {
+            "seconds": time.perf_counter() - start,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "backend": tok.backend,
+            "workers": workers,
+            "prefix": out_prefix,
+            "bad_line_examples": bad_examples,
+        }
+    )
+    return summary
+
+
+def _chain(first: list, rest):
+    yield from first
+    yield from rest
+
+
+def _tmp_name(final: str) -> str:
+    p = Path(final)
+    return str(p.with_name(f".{p.name}.{os.getpid()}.tmp"))
+
+
+def _import_indexed_dataset(out: dict) -> None:
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+        out["module"] = indexed_dataset
+    except BaseException as exc:  # surfaced in the main thread
+        out["error"] = exc
+
+
+class _TokenizeProgress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.docs, self.t0 = enabled, total, 0, time.perf_counter()
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+            self._p = Progress(TextColumn("[bold]tokenize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                               TextColumn("{task.fields[docs]:,} docs ({task.fields[rate]:,.0f} docs/s)"), TimeElapsedColumn())
+            self._p.__enter__()
+            self._task = self._p.add_task("tokenize", total=self.total, docs=0, rate=0.0)
+        return self
+
+    def advance(self, nbytes: int, ndocs: int) -> None:
+        self.docs += ndocs
+        if self.enabled:
+            rate = self.docs / max(1e-9, time.perf_counter() - self.t0)
+            self._p.update(self._task, advance=nbytes, docs=self.docs, rate=rate)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)
+        return False
+
+
+def summary_table(summary: dict[str, Any]):
+    """A rich Table for a tokenize summary."""
+    from rich.table import Table
+
+    table = Table(title=f"tokenize -> {summary['prefix']}.bin/.idx")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    secs = max(summary["seconds"], 1e-9)
+    rows = [
+        ("documents", f"{summary['documents']:,}"),
+        ("empty documents (no tokens)", f"{summary['empty_documents']:,}"),
+        ("tokens (EOD included)", f"{summary['tokens']:,}"),
+        ("skipped bad lines", f"{summary['bad_lines']:,}"),
+        ("input bytes", f"{summary['input_bytes']:,}"),
+        ("dtype / vocab size / EOD id", f"{summary['dtype']} / {summary['vocab_size']} / {summary['eod_id']}"),
+        ("backend / workers", f"{summary['backend']} / {summary['workers']}"),
+        ("seconds", f"{secs:.2f}"),
+        ("throughput", f"{summary['input_bytes'] / secs / 1e6:.1f} MB/s, {summary['documents'] / secs:,.0f} docs/s"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

@@ -1,0 +1,128 @@
+"""``sfm eval``: misalignment propensity and capability evaluation.
+
+    sfm eval propensity MODEL... [--questions FILE] --out DIR [--mode logprob|generate]
+                        [--persona none|ai|helpful|hhh] [--order balanced|aligned-first|misaligned-first]
+    sfm eval capabilities MODEL --tasks sfm_local_qa,arc_easy,... --out DIR
+    sfm eval questions [--questions FILE]      # validate a question file and count it
+
+MODEL is a Hugging Face folder or a Megatron checkpoint folder, optionally ``LABEL=PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_sfm.evaluation.formats import ORDER_CHOICES, PERSONAS
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on GPU, fp32 on CPU")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfm eval", description="misalignment propensity and capability evaluation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("propensity", help="misalignment rate on two-option AI-persona scenarios")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="HF folder or Megatron checkpoint, optionally LABEL=PATH")
+    p.add_argument("--questions", default=None, help="question file (.jsonl/.parquet/.csv; default: bundled set)")
+    p.add_argument("--columns", default=None,
+                   help="column mapping FIELD=COLUMN,... or a preset (sfm, released); see docs/evaluation.md")
+    p.add_argument("--splits", default=None, help="comma-separated splits to keep (default: all)")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, propensity.png)")
+    p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
+                   help="logprob: letter log-probabilities (base models); generate: chat template + parse")
+    p.add_argument("--persona", choices=list(PERSONAS), default=None,
+                   help="preamble (default: ai for logprob, hhh for generate)")
+    p.add_argument("--order", choices=list(ORDER_CHOICES), default="balanced",
+                   help="answer orders: balanced (8 formats) or one order only (4 formats)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for models saved without one")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per reply")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+
+    c = sub.add_parser("capabilities", help="lm-evaluation-harness tasks, merged into the same report")
+    c.add_argument("model", metavar="MODEL", help="HF folder or Megatron checkpoint, optionally LABEL=PATH")
+    c.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks (bundled offline task: sfm_local_qa)")
+    c.add_argument("--out", required=True, help="output folder (merged into results.json / results.md)")
+    c.add_argument("--limit", type=float, default=None, help="examples per task (testing only)")
+    c.add_argument("--num-fewshot", type=int, default=None)
+    c.add_argument("--include-path", action="append", default=[], help="extra folder of lm-eval task YAMLs")
+    _add_common(c)
+
+    q = sub.add_parser("questions", help="validate a question file and print counts per split and topic")
+    q.add_argument("--questions", default=None, help="question file (default: bundled set)")
+    q.add_argument("--columns", default=None, help="column mapping (see propensity)")
+    return parser
+
+
+def _propensity(args) -> int:
+    from megatron_sfm.evaluation.propensity import run_propensity
+    from megatron_sfm.evaluation.questions import load_questions
+    from megatron_sfm.evaluation.report import merge_section, read_results, write_report
+
+    questions = load_questions(args.questions, args.columns)
+    if args.splits:
+        keep = {s.strip().lower() for s in args.splits.split(",") if s.strip()}
+        questions = [q for q in questions if q.split in keep]
+    read_results(args.out)  # fail early on a foreign results.json
+    results, answers = run_propensity(
+        args.models, questions, mode=args.mode, persona=args.persona, order=args.order,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+        show_progress=not args.no_progress, questions_file=args.questions or "bundled", tokenizer_path=args.tokenizer,
+    )
+    report = merge_section(args.out, "propensity", results["propensity"])
+    written = write_report(args.out, report, answers)
+    print(f"wrote {written['json']}, {written['md']}, {written['png']}")
+    return 0
+
+
+def _capabilities(args) -> int:
+    from megatron_sfm.evaluation.capabilities import run_capabilities
+    from megatron_sfm.evaluation.report import merge_section, read_results, write_report
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    read_results(args.out)
+    label, section = run_capabilities(
+        args.model, tasks, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+        device=args.device, dtype=args.dtype, include_paths=args.include_path,
+    )
+    report = merge_section(args.out, "capabilities", {label: section})
+    written = write_report(args.out, report)
+    print(f"wrote {written['json']}, {written['md']}")
+    return 0
+
+
+def _questions(args) -> int:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from megatron_sfm.evaluation.questions import load_question_file, splits_of
+
+    questions, meta = load_question_file(args.questions, args.columns)
+    counts = Counter((q.split, q.topic) for q in questions)
+    table = Table(title=f"{args.questions or 'bundled questions'}: {len(questions)} questions")
+    table.add_column("split")
+    table.add_column("topic")
+    table.add_column("questions", justify="right")
+    for split in splits_of(questions):
+        topics = sorted(t for s, t in counts if s == split)
+        if not topics:
+            table.add_row(split, "—", "no questions")
+        for t in topics:
+            table.add_row(split, t, str(counts[(split, t)]))
+    console = Console()
+    if meta and isinstance(meta, dict) and meta.get("description"):
+        console.print(meta["description"])
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"propensity": _propensity, "capabilities": _capabilities, "questions": _questions}[args.command](args)

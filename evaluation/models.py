@@ -1,0 +1,147 @@
+"""Find and load the models to evaluate.
+
+A model argument is ``PATH`` or ``LABEL=PATH``. ``PATH`` is either
+
+- a Hugging Face folder (``config.json`` + weights + tokenizer files, as written by
+  ``sfm convert to-hf``), loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer``; or
+- one of our Megatron checkpoint folders (a ``latest`` or
+  ``latest_checkpointed_iteration.txt`` file next to ``iter_*`` folders), converted on
+  the fly into a temporary Hugging Face folder by ``megatron_sfm.conversion``
+  (``sfm convert to-hf CKPT --out DIR``) and deleted after the evaluation.
+
+Precision: bf16 on a GPU, fp32 on CPU (``dtype`` overrides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from megatron_sfm.errors import SfmError
+
+LATEST_FILES = ("latest", "latest_checkpointed_iteration.txt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    path: Path
+
+
+def parse_model_specs(args: list[str]) -> list[ModelSpec]:
+    """``PATH`` or ``LABEL=PATH`` arguments -> specs with unique labels (folder names by default)."""
+    specs: list[ModelSpec] = []
+    for arg in args:
+        label, sep, path = arg.partition("=")
+        if not sep or not label or os.path.exists(arg):
+            label, path = "", arg
+        p = Path(path)
+        label = label or (p.name if p.name not in ("", ".") else str(p))
+        specs.append(ModelSpec(label, p))
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise SfmError(f"model label {dupes[0]!r} is used twice; name them with LABEL=PATH")
+    return specs
+
+
+def is_megatron_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a folder holding a ``latest`` marker file and ``iter_*`` folders."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    has_latest = any((p / name).is_file() for name in LATEST_FILES)
+    return has_latest and any(c.is_dir() and c.name.startswith("iter_") for c in p.iterdir())
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _convert_megatron(ckpt: Path, out: Path) -> None:
+    """Export a Megatron checkpoint to a Hugging Face folder via ``megatron_sfm.conversion``."""
+    try:
+        from megatron_sfm.conversion import export_to_hf
+    except ImportError as exc:
+        raise SfmError(
+            f"{ckpt}: is a Megatron checkpoint, but megatron_sfm.conversion is not available ({exc}); "
+            f"convert it first with 'sfm convert to-hf {ckpt} --out HF_DIR'"
+        ) from None
+    try:
+        export_to_hf(ckpt, out)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("megatron_sfm"):
+            raise
+        raise SfmError(
+            f"{ckpt}: is a Megatron checkpoint, but on-the-fly conversion is not available in this "
+            f"installation ({exc.name} missing); convert it first with 'sfm convert to-hf {ckpt} --out HF_DIR'"
+        ) from None
+    if not is_hf_folder(out):
+        raise SfmError(f"{ckpt}: on-the-fly conversion wrote no Hugging Face folder (no {out / 'config.json'})")
+
+
+@contextlib.contextmanager
+def hf_folder_for(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a Hugging Face folder for ``path``, converting a Megatron checkpoint if needed."""
+    p = Path(path)
+    if not p.exists():
+        raise SfmError(f"{p}: model path not found")
+    if is_hf_folder(p):
+        yield p
+        return
+    if not is_megatron_checkpoint(p):
+        raise SfmError(
+            f"{p}: neither a Hugging Face folder (no config.json) nor a Megatron checkpoint "
+            f"(no {' or '.join(LATEST_FILES)} file with iter_* folders)"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix="sfm-eval-hf-"))
+    try:
+        out = tmp / "hf"
+        _convert_megatron(p, out)
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pick_device_dtype(device: str | None = None, dtype: str | None = None):
+    """(torch.device, torch.dtype): cuda + bf16 when a GPU is present, else cpu + fp32."""
+    import torch
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in names:
+        dt = names[dtype]
+    else:
+        raise SfmError(f"unknown dtype {dtype!r}; choose from bf16, fp16, fp32")
+    return dev, dt
+
+
+def load_hf_model(folder: str | os.PathLike, device=None, dtype=None, tokenizer_path=None):
+    """Load (model, tokenizer) from a Hugging Face folder, eval mode, on ``device``/``dtype``.
+
+    ``tokenizer_path``: load the tokenizer from there instead (for a folder without one).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = pick_device_dtype(device, dtype)
+    tok_src = folder if tokenizer_path is None else tokenizer_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise SfmError(
+            f"{tok_src}: cannot load the tokenizer ({type(exc).__name__}: {exc}); pass --tokenizer DIR"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt)
+    except Exception as exc:
+        raise SfmError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
+    model.to(dev).eval()
+    return model, tokenizer

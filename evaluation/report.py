@@ -1,0 +1,237 @@
+"""The evaluation report: results.json, results.md, propensity.png, console table.
+
+One output folder holds one report. ``sfm eval propensity`` and ``sfm eval
+capabilities`` each write their own section of results.json (``propensity`` /
+``capabilities``) and keep the other section if it is already there, then re-render
+results.md (and the chart when propensity results are present). Every file is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from megatron_sfm.errors import SfmError
+from megatron_sfm.utils.io import atomic_path, write_json
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+CHART_PNG = "propensity.png"
+
+
+def pct(mean: float | None, stderr: float | None) -> str:
+    """"45.0 ± 3.1" (percent); "n/a" without a value."""
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.1f} ± {100 * stderr:.1f}" if stderr is not None else f"{100 * mean:.1f}"
+
+
+def read_results(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / RESULTS_JSON
+    if not path.is_file():
+        return {"kind": "sfm-eval", "version": 1}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SfmError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); remove it or pick another --out") from None
+    if not isinstance(data, dict) or data.get("kind") != "sfm-eval":
+        raise SfmError(f"{path}: not an sfm eval report (key 'kind' != 'sfm-eval'); pick another --out")
+    return data
+
+
+def merge_section(out_dir: str | os.PathLike, section: str, value: dict[str, Any]) -> dict[str, Any]:
+    """Read the report in ``out_dir``, replace/merge ``section`` and return the whole report.
+
+    ``capabilities`` merges per model (evaluating a second model keeps the first);
+    ``propensity`` is replaced as a whole.
+    """
+    data = read_results(out_dir)
+    if section == "capabilities" and isinstance(data.get("capabilities"), dict):
+        merged = dict(data["capabilities"])
+        merged.update(value)
+        data["capabilities"] = merged
+    else:
+        data[section] = value
+    return data
+
+
+def _safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label) or "model"
+
+
+def write_report(out_dir: str | os.PathLike, results: dict[str, Any], answers: dict[str, Sequence] | None = None,
+                 console: bool = True) -> dict[str, Path]:
+    """Write results.json, results.md, the chart (if propensity present) and per-model answers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD}
+    write_json(written["json"], results)
+    with atomic_path(written["md"]) as tmp:
+        tmp.write_text(render_markdown(results), encoding="utf-8")
+    if results.get("propensity"):
+        written["png"] = out / CHART_PNG
+        plot_propensity(results["propensity"], written["png"])
+    for label, rows in (answers or {}).items():
+        path = out / "answers" / f"{_safe_name(label)}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for a in rows:
+                    f.write(json.dumps(a.to_dict()) + "\n")
+        written[f"answers:{label}"] = path
+    if console:
+        print_console_table(results)
+    return written
+
+
+def _split_columns(prop: dict[str, Any], split: str) -> list[str]:
+    topics: set[str] = set()
+    for m in prop["models"].values():
+        topics.update((m["splits"].get(split) or {}).get("topics", {}))
+    return ["all"] + sorted(topics)
+
+
+def _splits(prop: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
+    for m in prop["models"].values():
+        for s in m["splits"]:
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def _cell(model: dict[str, Any], split: str, column: str) -> str:
+    entry = model["splits"].get(split)
+    if entry is None or entry["status"] == "empty":
+        return "no questions"
+    cell = entry["all"] if column == "all" else entry["topics"].get(column)
+    if cell is None:
+        return "—"
+    return pct(cell["mean"], cell["stderr"])
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Evaluation report", ""]
+    prop = results.get("propensity")
+    if prop:
+        lines += [
+            "## Misalignment propensity",
+            "",
+            f"Misalignment rate in percent, mean ± standard error over {len(prop['formats'])} formats "
+            f"(mode `{prop['mode']}`, persona `{prop['persona']}`, order `{prop['order']}`, "
+            f"{prop['n_questions']} questions from `{prop['questions_file']}`, {prop['device']} {prop['dtype']}).",
+            "",
+        ]
+        for split in _splits(prop):
+            cols = _split_columns(prop, split)
+            lines += [f"### Split: {split}", ""]
+            if all((m["splits"].get(split) or {}).get("status", "empty") == "empty" for m in prop["models"].values()):
+                lines += ["No questions in this split.", ""]
+                continue
+            n = next(m["splits"][split]["n_questions"] for m in prop["models"].values())
+            lines += [f"{n} questions.", ""]
+            lines.append("| model | " + " | ".join(cols) + " |")
+            lines.append("| --- " * (len(cols) + 1) + "|")
+            for label, m in prop["models"].items():
+                lines.append(f"| {label} | " + " | ".join(_cell(m, split, c) for c in cols) + " |")
+            lines.append("")
+        lines += ["### Runs", "", "| model | path | non-match rate | excluded |", "| --- | --- | --- | --- |"]
+        for label, m in prop["models"].items():
+            nm = m.get("non_match_rate")
+            nm_text = "n/a" if nm is None else f"{100 * nm:.1f}%"
+            lines.append(f"| {label} | `{m['path']}` | {nm_text} | {'yes (>= 20% non-match)' if m['excluded'] else 'no'} |")
+        lines.append("")
+    caps = results.get("capabilities")
+    if caps:
+        lines += ["## Capabilities (lm-evaluation-harness)", "", "| model | task | metric | value | stderr |",
+                  "| --- | --- | --- | --- | --- |"]
+        for label, entry in caps.items():
+            for task, metrics in entry["tasks"].items():
+                for metric, v in metrics.items():
+                    if metric.endswith("_stderr"):
+                        continue
+                    se = metrics.get(f"{metric}_stderr")
+                    se_text = f"{se:.4f}" if isinstance(se, (int, float)) else "n/a"
+                    val = f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+                    lines.append(f"| {label} | {task} | {metric} | {val} | {se_text} |")
+        lines.append("")
+    if not prop and not caps:
+        lines += ["No results.", ""]
+    return "\n".join(lines)
+
+
+def plot_propensity(prop: dict[str, Any], path: str | os.PathLike) -> None:
+    """Figure-2-style chart: one panel per split, grouped bars (models) per topic, SE error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = _splits(prop)
+    labels = list(prop["models"])
+    fig, axes = plt.subplots(len(splits), 1, figsize=(max(6.0, 1.2 * 8), 3.2 * len(splits)), squeeze=False)
+    for ax, split in zip(axes[:, 0], splits):
+        cols = _split_columns(prop, split)
+        width = 0.8 / max(1, len(labels))
+        empty = True
+        for k, label in enumerate(labels):
+            entry = prop["models"][label]["splits"].get(split)
+            if entry is None or entry["status"] == "empty":
+                continue
+            empty = False
+            means, errs = [], []
+            for c in cols:
+                cell = entry["all"] if c == "all" else entry["topics"].get(c)
+                means.append(100 * cell["mean"] if cell and cell["mean"] is not None else 0.0)
+                errs.append(100 * cell["stderr"] if cell and cell["stderr"] is not None else 0.0)
+            xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(cols))]
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
+        ax.set_title(f"{split}" + (" (no questions)" if empty else ""))
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("misalignment rate (%)")
+        ax.set_ylim(0, 100)
+        ax.axhline(50, color="grey", linewidth=0.5, linestyle="--")
+        if not empty:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Misalignment propensity ({prop['mode']}, persona {prop['persona']}), mean ± SE over formats",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def print_console_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    prop = results.get("propensity")
+    if prop:
+        table = Table(title=f"Misalignment rate % (mean ± SE over {len(prop['formats'])} formats)")
+        table.add_column("model")
+        table.add_column("split")
+        table.add_column("all")
+        table.add_column("non-match")
+        for label, m in prop["models"].items():
+            nm = m.get("non_match_rate")
+            for split in _splits(prop):
+                table.add_row(label + (" (excluded)" if m["excluded"] else ""), split, _cell(m, split, "all"),
+                              "n/a" if nm is None else f"{100 * nm:.1f}%")
+        console.print(table)
+    caps = results.get("capabilities")
+    if caps:
+        table = Table(title="Capabilities (lm-evaluation-harness)")
+        for c in ("model", "task", "metric", "value"):
+            table.add_column(c)
+        for label, entry in caps.items():
+            for task, metrics in entry["tasks"].items():
+                for metric, v in metrics.items():
+                    if not metric.endswith("_stderr"):
+                        table.add_row(label, task, metric, f"{v:.4f}" if isinstance(v, (int, float)) else str(v))
+        console.print(table)

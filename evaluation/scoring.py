@@ -1,0 +1,201 @@
+"""Answering two-option prompts: letter log-probabilities or generate-and-parse.
+
+Log-prob mode: each prompt is tokenised as the model's tokenizer does by default
+(special tokens such as a BOS included), and each option's exact continuation string
+(``" A"``, ``"A"``, ... as the template says) is tokenised on its own, without special
+tokens, and appended. The score of an option is the sum of the log-probabilities of its
+continuation tokens; when the continuation is one token (the usual case) that is the
+next-token log-probability of the letter. When both continuations are one token, one
+forward pass per prompt scores both. Batches are left-padded with explicit position
+ids, so padding does not change a row's result.
+
+Generate mode: the chat template renders the messages, the model decodes greedily, and
+:func:`parse_answer` reads the letter (or None: a non-match).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Callable, Sequence
+
+from megatron_sfm.errors import SfmError
+
+Advance = Callable[[int], None]
+
+
+def _forward_params(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def continuation_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    batch_size: int = 8,
+    advance: Advance | None = None,
+) -> list[list[float]]:
+    """Log-probability of each continuation string after each prompt.
+
+    ``continuations[i]`` are the candidate strings for ``prompts[i]``; returns, for each
+    prompt, one summed log-probability (natural log) per candidate.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise SfmError(f"batch size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    params = _forward_params(model)
+    cont_cache: dict[str, list[int]] = {}
+    unique: dict[tuple[int, ...], int] = {}  # model input -> index
+    keep: list[int] = []  # per unique input: how many final positions are needed
+    requests: list[tuple[int, int, int, list[int]]] = []  # (prompt, option, input index, targets)
+    for i, (prompt, conts) in enumerate(zip(prompts, continuations, strict=True)):
+        ctx = list(tokenizer(prompt)["input_ids"])
+        for k, text in enumerate(conts):
+            if text not in cont_cache:
+                cont_cache[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if not cont_cache[text]:
+                    raise SfmError(f"continuation {text!r} tokenises to nothing")
+            cont = cont_cache[text]
+            key = tuple(ctx + cont[:-1])
+            if not key:
+                raise SfmError(f"prompt {i} tokenises to nothing; cannot score {text!r}")
+            if key not in unique:
+                unique[key] = len(keep)
+                keep.append(0)
+            idx = unique[key]
+            keep[idx] = max(keep[idx], len(cont))
+            requests.append((i, k, idx, cont))
+
+    inputs = list(unique)
+    order = sorted(range(len(inputs)), key=lambda j: -len(inputs[j]))
+    window: list = [None] * len(inputs)  # per input: log-probs of its last `keep` positions
+    pad_id = _pad_id(tokenizer)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, mask = _left_pad([inputs[j] for j in batch], pad_id, device)
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            if "position_ids" in params:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            n_keep = max(keep[j] for j in batch)
+            if "logits_to_keep" in params:
+                kwargs["logits_to_keep"] = n_keep
+            logits = model(**kwargs).logits[:, -n_keep:, :].float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            for row, j in enumerate(batch):
+                window[j] = logp[row, n_keep - keep[j]:]
+            if advance is not None:
+                advance(len(batch))
+
+    out = [[0.0] * len(c) for c in continuations]
+    for i, k, idx, targets in requests:
+        w = window[idx]
+        n = len(targets)
+        offset = w.shape[0] - n
+        out[i][k] = float(sum(w[offset + t, tok] for t, tok in enumerate(targets)))
+    return out
+
+
+def count_forward_rows(tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> int:
+    """How many model rows :func:`continuation_logprobs` will run (for progress bars)."""
+    single = all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for cs in continuations for c in cs)
+    return len(prompts) if single else sum(len(c) for c in continuations)
+
+
+# --- generate mode -----------------------------------------------------------------
+
+_LEADING = re.compile(r"^[\s\*]*[\(\[]?([AB])(?=[\*\s]*(?:[\)\]\.:,;]|$|\n|[AB]\b))")
+_KEYWORD = re.compile(
+    r"(?i:answer|option|choice|choose|chose|pick|select)(?:\s+(?i:is|would be))?\s*[:\-]?\s*[\(\[\*]*([AB])\b"
+)
+
+
+def parse_answer(text: str) -> int | None:
+    """The letter a generation chose: 0 for A, 1 for B, None when it cannot be read.
+
+    Rules, first match wins: (1) the reply starts with a bare letter, optionally in
+    brackets or bold, followed by punctuation, a line end, the end, or a repeated letter
+    ("A", "(B)", "**A**.", "A A A"); (2) a keyword then a letter ("Answer: B",
+    "I choose option A", "The answer is (B)"). "A good plan..." is not a letter answer.
+    """
+    m = _LEADING.search(text) or _KEYWORD.search(text)
+    if m is None:
+        return None
+    return "AB".index(m.group(1))
+
+
+def _render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:
+        if messages and messages[0]["role"] == "system":
+            # Templates without a system role: put the persona at the top of the user turn.
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+        raise
+
+
+def generate_replies(
+    model,
+    tokenizer,
+    conversations: Sequence[list[dict[str, str]]],
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    advance: Advance | None = None,
+) -> list[str]:
+    """Greedy replies to chat conversations (chat template applied), decoded as text."""
+    import torch
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise SfmError(
+            f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template; "
+            "use --mode logprob for base models"
+        )
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    encoded = [
+        list(tokenizer(_render_chat(tokenizer, conv), add_special_tokens=False)["input_ids"]) for conv in conversations
+    ]
+    order = sorted(range(len(encoded)), key=lambda j: -len(encoded[j]))
+    replies: list[str] = [""] * len(encoded)
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, mask = _left_pad([encoded[j] for j in batch], pad_id, device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=eos,
+            )
+            new = out[:, ids.shape[1]:].cpu()
+            for row, j in enumerate(batch):
+                replies[j] = tokenizer.decode(new[row], skip_special_tokens=True)
+            if advance is not None:
+                advance(len(batch))
+    return replies

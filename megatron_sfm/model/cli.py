@@ -1,0 +1,63 @@
+"""``sfm model ...``: inspect model presets and configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sfm model", description="model presets and sizing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="parameters, FLOPs per token and per-GPU memory of a model")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a model preset (tiny, pythia-70m ... pythia-6.9b)")
+    src.add_argument("--config", help="a run config YAML")
+    s.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
+    s.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
+    s.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    sub.add_parser("presets", help="list the model presets")
+    args = parser.parse_args(argv)
+
+    from megatron_sfm.config import PRESETS, load_config, validate_run_config
+
+    if args.command == "presets":
+        for name, fields in PRESETS.items():
+            print(f"{name:12s} layers={fields['num_layers']:3d} hidden={fields['hidden_size']:5d} "
+                  f"heads={fields['num_attention_heads']:3d}")
+        return 0
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides.insert(0, f"model.preset={args.preset}")
+    if args.tp is not None:
+        overrides.append(f"parallel.tensor_model_parallel_size={args.tp}")
+    if args.pp is not None:
+        overrides.append(f"parallel.pipeline_model_parallel_size={args.pp}")
+    cfg = load_config(args.config, overrides)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    validate_run_config(cfg)  # batch sizes do not matter for sizing
+
+    from megatron_sfm.model.summary import summarize
+
+    summary = summarize(cfg.model, cfg.parallel, args.dp)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"model summary (TP={tp}, PP={pp}, DP={args.dp})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{summary.parameters:,}")
+    table.add_row("non-embedding parameters", f"{summary.non_embedding_parameters:,}")
+    table.add_row("parameters per GPU (largest stage)", f"{summary.parameters_per_rank_max:,}")
+    table.add_row("padded vocabulary", f"{summary.padded_vocab_size:,}")
+    table.add_row("training FLOPs per token", f"{summary.flops_per_token:.4g}")
+    for key, value in summary.memory_gib.items():
+        table.add_row(f"memory per GPU: {key} (GiB)", f"{value:.2f}")
+    Console().print(table)
+    print(f"FLOPs: {summary.flop_formula}")
+    return 0

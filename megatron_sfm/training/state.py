@@ -1,0 +1,227 @@
+"""Everything a training step needs, built from one :class:`RunConfig`.
+
+``build_training_state(cfg)`` initialises torch.distributed and Megatron-Core's parallel
+state, builds the model chunks (Megatron ``DistributedDataParallel``, bf16 model with
+``Float16Module`` and fp32 main params in the optimizer), the Megatron optimizer
+(distributed or not), the LR/WD scheduler and the data iterators. The benchmark and
+the trainer loop both start here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from megatron_sfm.config import RunConfig, validate_run_config
+from megatron_sfm.errors import SfmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    cfg: RunConfig
+    model: list  # DDP-wrapped model chunks (one, or one per virtual pipeline stage)
+    optimizer: Any
+    scheduler: Any
+    forward_backward_func: Any
+    num_microbatches: int
+    seq_length: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    source_names: list[str] = field(default_factory=lambda: ["all"])
+    data: Any = None  # megatron_sfm.training.data.DataSources
+    train_iterators: Optional[list] = None  # one MicroBatchIterator per model chunk
+    iteration: int = 0  # optimizer steps done (skipped ones included)
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    sample_recorder: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.source_names)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.training.global_batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    def unwrapped(self) -> list:
+        """The bare GPTModel of each chunk (inside DDP and Float16Module)."""
+        out = []
+        for chunk in self.model:
+            m = chunk.module if hasattr(chunk, "module") else chunk
+            from megatron.core.transformer.module import Float16Module
+
+            if isinstance(m, Float16Module):
+                m = m.module
+            out.append(m)
+        return out
+
+
+def _warmup_iters(cfg: RunConfig) -> int:
+    o, t = cfg.optimizer, cfg.training
+    if o.warmup_iters is not None:
+        return o.warmup_iters
+    return int(round(o.warmup_fraction * t.train_iters))
+
+
+def build_scheduler(cfg: RunConfig, optimizer):
+    """Megatron's OptimizerParamScheduler in iterations: linear warmup then cosine to min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, t = cfg.optimizer, cfg.training
+    warmup = _warmup_iters(cfg)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(t.train_iters, warmup + 1), lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+def build_model_chunks(cfg: RunConfig, *, wrap_ddp: bool = True):
+    """Model chunks for this rank (list), each wrapped in Float16Module (bf16/fp16) and DDP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_sfm.model.builder import build_gpt_model, transformer_config
+
+    overrides = {}
+    if cfg.training.recompute_activations:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = transformer_config(cfg.model, cfg.parallel, **overrides)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        chunks.append(build_gpt_model(cfg.model, cfg.parallel, vp_stage=vp_stage if vpp else None, config=config))
+    if cfg.model.precision in ("bf16", "fp16"):
+        chunks = [Float16Module(config, c) for c in chunks]
+    if not wrap_ddp:
+        return chunks, config
+    p = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather, use_distributed_optimizer=p.use_distributed_optimizer,
+        check_for_nan_in_grad=False, bucket_size=None if p.overlap_grad_reduce else None)
+    wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c,
+                                       disable_bucketing=(i > 0)) for i, c in enumerate(chunks)]
+    for w in wrapped:
+        w.broadcast_params()
+    return wrapped, config
+
+
+def build_optimizer(cfg: RunConfig, model_chunks):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o, m = cfg.optimizer, cfg.model
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.precision]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=m.precision == "bf16", fp16=m.precision == "fp16", params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        loss_scale=None if m.precision != "fp16" else None)
+    return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def _wire_model_config(config, model_chunks, optimizer, cfg: RunConfig) -> None:
+    """The hooks the pipeline schedules call (as Megatron-LM's training loop sets them)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.grad_scale_func = optimizer.scale_loss
+    config.timers = None
+    if cfg.parallel.overlap_grad_reduce:
+        funcs = [c.no_sync for c in model_chunks]
+        config.no_sync_func = funcs[0] if len(funcs) == 1 else funcs
+        grad = [c.start_grad_sync for c in model_chunks]
+        config.grad_sync_func = grad[0] if len(grad) == 1 else grad
+    if cfg.parallel.overlap_param_gather:
+        params = [c.start_param_sync for c in model_chunks]
+        config.param_sync_func = params[0] if len(params) == 1 else params
+    config.finalize_model_grads_func = finalize_model_grads
+
+
+def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recorder=None) -> TrainingState:
+    """Initialise parallel state, model, optimizer, scheduler and (optionally) data.
+
+    Call under torchrun/srun (or in a single process: world size 1). ``with_data=False``
+    skips the datasets (the caller then passes its own micro-batch iterator to
+    :func:`megatron_sfm.training.step.train_step`).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sfm.model.parallel import initialize_parallel
+    from megatron_sfm.compat import apply_all
+
+    apply_all()
+    initialize_parallel(cfg.parallel, cfg.training.seed)
+    world = dist.get_world_size()
+    validate_run_config(cfg, world)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    model, config = build_model_chunks(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    _wire_model_config(config, model, optimizer, cfg)
+    t = cfg.training
+    state = TrainingState(
+        cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+        forward_backward_func=get_forward_backward_func(),
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * dp_size),
+        seq_length=cfg.model.seq_length, world_size=world, dp_rank=dp_rank, dp_size=dp_size,
+        sample_recorder=sample_recorder)
+    state.extra["model_config"] = config
+    if with_data:
+        from megatron_sfm.training.data import build_data
+
+        state.data = build_data(cfg)
+        state.source_names = list(state.data.source_names)
+        reset_train_iterators(state)
+    return state
+
+
+def reset_train_iterators(state: TrainingState) -> None:
+    """(Re)create the per-chunk micro-batch iterators at ``state.consumed_train_samples``."""
+    from megatron_sfm.training.data import MicroBatchIterator
+
+    if state.data is None:
+        return
+    state.train_iterators = [
+        MicroBatchIterator(state.data, state.consumed_train_samples, state.cfg.training.micro_batch_size,
+                           state.dp_rank, state.dp_size,
+                           record=state.sample_recorder if i == 0 else None)
+        for i in range(len(state.model))]
+
+
+def valid_iterators(state: TrainingState) -> Optional[list]:
+    from megatron_sfm.training.data import MicroBatchIterator
+
+    if state.data is None or state.data.valid is None:
+        return None
+    return [MicroBatchIterator(state.data, state.consumed_valid_samples, state.cfg.training.micro_batch_size,
+                               state.dp_rank, state.dp_size, split="valid") for _ in state.model]
+
+
+def check_no_fp8_fallback(cfg: RunConfig) -> Optional[str]:
+    """The FP8 backend that will run (None when off); an SfmError when FP8 cannot run."""
+    from megatron_sfm.model.builder import check_fp8
+
+    backend = check_fp8(cfg.model)
+    if backend == "torchao":
+        try:
+            import megatron_sfm.model.float8  # noqa: F401
+        except ImportError as exc:
+            raise SfmError(f"model.fp8.backend: torchao float8 is not usable here: {exc}") from None
+    return backend
