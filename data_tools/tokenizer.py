@@ -74,6 +74,11 @@ class Tokenizer:
     def pad(self) -> int:
         return -1 if self.pad_id is None else self.pad_id
 
+    @property
+    def unique_identifiers(self) -> dict:
+        """Part of Megatron-Core's dataset cache key (GPTDatasetConfig hashes it)."""
+        return {"class": type(self).__name__, "tokenizer_path": str(self.path), "vocab_size": self.vocab_size, "eod": self.eod_id}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, backend={self.backend!r})"
 
@@ -107,10 +112,9 @@ class HFTokenizer(Tokenizer):
             except Exception as exc:
                 if backend == "gigatoken":
                     raise SfmError(f"{json_path}: gigatoken cannot load this tokenizer ({exc})") from None
+        # gigatoken maps a special token's literal string in the text to its id, as
+        # `tokenizers` and Megatron-LM's tokenizer do (tested).
         self.backend = "gigatoken" if self._gt is not None else "tokenizers"
-        # Text holding a special token's literal string is encoded by `tokenizers`, which
-        # maps it to the special id as Megatron-LM's tokenizer does.
-        self._specials = [t.content for t in self._hf.get_added_tokens_decoder().values() if t.special]
 
     def _find_special(self, explicit, config, key, fallbacks, required):
         vocab = self._hf.get_vocab(with_added_tokens=True)
@@ -135,11 +139,8 @@ class HFTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
 
-    def _has_special(self, text: str) -> bool:
-        return any(s in text for s in self._specials)
-
     def encode(self, text: str) -> list[int]:
-        if self._gt is not None and not self._has_special(text):
+        if self._gt is not None:
             return self._gt.encode(text).tolist()
         return self._hf.encode(text, add_special_tokens=False).ids
 
@@ -147,7 +148,7 @@ class HFTokenizer(Tokenizer):
         """See :meth:`Tokenizer.encode_batch`; ``parallel`` lets gigatoken use all cores (None: auto)."""
         if not texts:
             return np.zeros(0, np.uint32), np.zeros(0, np.int64)
-        if self._gt is not None and not any(self._has_special(t) for t in texts):
+        if self._gt is not None:
             import awkward as ak
 
             arr = self._gt.encode_batch(list(texts), parallel=parallel)

@@ -99,9 +99,13 @@ def evaluate_hf_folder(
         if not Path(p).is_dir():
             raise SfmError(f"{p}: --include-path is not a folder")
     with _materialised_tasks() as bundled:
-        manager = TaskManager(include_path=[str(bundled)] + [str(p) for p in include_paths])
-        known = set(manager.all_tasks)
-        unknown = [t for t in tasks if t not in known]
+        paths = [str(bundled)] + [str(p) for p in include_paths]
+        # Indexing lm-eval's own task folders takes tens of seconds: skip it when every
+        # requested task is local.
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if any(t not in set(manager.all_tasks) for t in tasks):
+            manager = TaskManager(include_path=paths)
+        unknown = [t for t in tasks if t not in set(manager.all_tasks)]
         if unknown:
             raise SfmError(f"unknown lm-eval task {unknown[0]!r} (bundled local task: {LOCAL_TASK})")
         try:

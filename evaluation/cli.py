@@ -85,9 +85,12 @@ def _capabilities(args) -> int:
     from megatron_sfm.evaluation.report import merge_section, read_results, write_report
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval reads a float below 1 as a fraction, an int as a count
     read_results(args.out)
     label, section = run_capabilities(
-        args.model, tasks, limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+        args.model, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
         device=args.device, dtype=args.dtype, include_paths=args.include_path,
     )
     report = merge_section(args.out, "capabilities", {label: section})

@@ -130,7 +130,9 @@ def load_hf_model(folder: str | os.PathLike, device=None, dtype=None, tokenizer_
     ``tokenizer_path``: load the tokenizer from there instead (for a folder without one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own rich bar is the progress display
     dev, dt = pick_device_dtype(device, dtype)
     tok_src = folder if tokenizer_path is None else tokenizer_path
     try:

@@ -153,6 +153,16 @@ def evaluate_model(model, tokenizer, questions, *, order="balanced", mode="logpr
     return result, answers
 
 
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_propensity(
     model_args: Sequence[str],
     questions: Sequence[Question],
@@ -214,6 +224,7 @@ def run_propensity(
                     task_label=f"{spec.label} ({mode})",
                 )
                 del model
+                _free_accelerator_memory()
             results["propensity"]["models"][spec.label] = {"path": str(spec.path), **result}
             all_answers[spec.label] = answers
     return results, all_answers

@@ -143,32 +143,45 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Geometry:
-    """Compile-time column layout for a head dim and rotary dim (see ``_attention_kernels``)."""
+    """Compile-time column chunks for a head dim and rotary dim (see ``_attention_kernels``)."""
 
     def __init__(self, head_dim: int, rotary_dim: int):
         self.head_dim = head_dim
         self.rot_half = rotary_dim // 2
-        self.half_pad = next_power_of_2(self.rot_half) if self.rot_half else 0
-        self.dqk = max(16, next_power_of_2(2 * self.half_pad + head_dim - rotary_dim))
+        self.hp = max(16, next_power_of_2(self.rot_half)) if self.rot_half else 0
+        rest = head_dim - rotary_dim
+        self.pa = self.pb = 0
+        if rest > 0:
+            single = max(16, next_power_of_2(rest))
+            first = max(16, 1 << (rest.bit_length() - 1))  # largest power of two <= rest
+            second = 0 if rest <= first else max(16, next_power_of_2(rest - first))
+            if single <= first + second:  # one chunk pads no more than two
+                self.pa = single
+            else:
+                self.pa, self.pb = first, second
         self.dv = max(16, next_power_of_2(head_dim))
 
     def constexprs(self, causal: bool, dtype: torch.dtype, interpret: bool) -> dict:
-        return dict(HEAD_DIM=self.head_dim, ROT_HALF=self.rot_half, HALF_PAD=self.half_pad, DQK=self.dqk,
+        return dict(HEAD_DIM=self.head_dim, ROT_HALF=self.rot_half, HP=self.hp, PA=self.pa, PB=self.pb,
                     DV=self.dv, CAUSAL=causal, UPCAST=interpret, IEEE=interpret or dtype == torch.float32)
 
 
 # Block sizes under the interpreter (tests may override through ``block_sizes``): small, so
 # that short sequences span several blocks and the masked/unmasked split is exercised.
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
+# Fixed GPU blocks instead of autotuning when set (the GPU run of the tests uses this to
+# compile one configuration per shape); None: autotune.
+FIXED_BLOCKS: Optional[dict] = None
 
 
 def _launch(kmod, name, grid_fn, args, consts, block_sizes):
-    interpret = kmod.INTERPRETED
     kernel = {"fwd": kmod.fwd, "dkdv": kmod.bwd_dkdv, "dq": kmod.bwd_dq}[name]
     tuned = {"fwd": kmod.fwd_tuned, "dkdv": kmod.dkdv_tuned, "dq": kmod.dq_tuned}[name]
-    if interpret or block_sizes is not None or tuned is None:
-        bm, bn = (block_sizes or INTERPRETER_BLOCKS)[name]
-        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **consts, BLOCK_M=bm, BLOCK_N=bn)
+    blocks = block_sizes or (INTERPRETER_BLOCKS if kmod.INTERPRETED else FIXED_BLOCKS)
+    if blocks is not None or tuned is None:
+        bm, bn = (blocks or INTERPRETER_BLOCKS)[name]
+        extra = {} if kmod.INTERPRETED else {"num_warps": 4, "num_stages": 2}
+        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, **extra)
     else:
         tuned[grid_fn](*args, **consts)
 

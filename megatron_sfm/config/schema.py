@@ -126,6 +126,7 @@ class DataConfig:
 
     blend: Optional[str] = None  # a stage's blend JSON (``{"train": [w, prefix, ...], ...}``)
     phases: Optional[str] = None  # a phases JSON for late insertion (written by sfm data mix)
+    stage: Optional[str] = None  # which stage of the phases JSON (pretrain / midtrain); needed with several
     mock: bool = False
     tokenizer: Optional[str] = None  # tokenizer.json / HF folder / sentencepiece .model
     split_seed: int = 1234

@@ -12,7 +12,7 @@ TP/PP layout that wrote it. Safety:
 
 * ``.metadata`` is unpickled with an allowlist (the DCP metadata classes, ``torch.Size``,
   dtypes); anything else, e.g. a ``posix.system`` reference, is an :class:`SfmError`;
-* chunks are read with ``torch.load(weights_only=True)``; never ``weights_only=False``.
+* chunks are read with ``torch.load(weights_only=True)`` only (never with the full unpickler).
 """
 
 from __future__ import annotations

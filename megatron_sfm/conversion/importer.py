@@ -110,18 +110,12 @@ def plan_import(hf_dir: str | os.PathLike, tp: int, pp: int, dtype: str = "fp32"
     if model_cfg.num_layers % pp:
         raise SfmError(f"--pp {pp}: does not divide num_hidden_layers {model_cfg.num_layers}")
     model = config_to_dict(model_cfg)
-    model["attention_backend"] = "sdpa" if not _cuda() else "auto"
+    model["attention_backend"] = "auto"  # the writers run on CPU (sdpa); training picks its own
     run = config_from_dict({
         "model": model,
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
     })
     return run
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def import_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,

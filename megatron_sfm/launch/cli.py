@@ -95,7 +95,7 @@ def _summary(jobs, ids) -> None:
 
     table = Table(title="submitted")
     for col in ("job id", "name", "nodes x procs", "time", "depends on", "job folder"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for job, job_id in zip(jobs, ids):
         o = job.options
         cells = (job_id, job.name, f"{o.nodes} x {o.procs_per_node}" + (" CPU" if o.cpu_only else " GPU"),

@@ -25,11 +25,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 from megatron_sfm.launch.slurm import (
-    DEFAULT_LOG_DIR, PreparedJob, SlurmOptions, new_job_dir, prepare_job, safe_name, submit, write_job,
+    DEFAULT_LOG_DIR,
+    PreparedJob,
+    SlurmOptions,
+    new_job_dir,
+    prepare_job,
+    safe_name,
+    submit,
+    write_job,
 )
 
 # stage ``slurm:`` keys; the job name and dependency are set by the plan
@@ -56,7 +63,7 @@ def is_plan(data: dict) -> bool:
     return isinstance(data, dict) and "stages" in data
 
 
-def load_plan(path: str | Path, data: Optional[dict] = None) -> Plan:
+def load_plan(path: str | Path, data: dict | None = None) -> Plan:
     """Read and check a plan file (errors name the file and the key)."""
     from megatron_sfm.config.loader import read_yaml
 
@@ -104,7 +111,7 @@ def load_plan(path: str | Path, data: Optional[dict] = None) -> Plan:
     return Plan(name=name, path=path, stages=stages)
 
 
-def _stage_options(defaults: dict[str, Any], stage: Optional[Stage], job_name: str, where: str) -> SlurmOptions:
+def _stage_options(defaults: dict[str, Any], stage: Stage | None, job_name: str, where: str) -> SlurmOptions:
     """CLI defaults, overridden by the stage's ``slurm`` block, as checked :class:`SlurmOptions`."""
     merged = dict(defaults)
     env = dict(defaults.get("env") or {})
@@ -131,7 +138,7 @@ def _stage_options(defaults: dict[str, Any], stage: Optional[Stage], job_name: s
 
 
 def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str, Any], *,
-                   log_dir: str | Path = DEFAULT_LOG_DIR, workdir: Optional[Path] = None,
+                   log_dir: str | Path = DEFAULT_LOG_DIR, workdir: Path | None = None,
                    command_for: Any = None) -> list[PreparedJob]:
     """Render the job(s) for a run config or a plan file; nothing is written or submitted.
 
@@ -164,8 +171,11 @@ def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str,
         command = command_for(job_dir / "config.yaml") if command_for else None
         if not stage.config.is_file():
             raise SfmError(f"{where}.config: {stage.config} not found")
-        jobs.append(prepare_job(opts, str(stage.config), stage.overrides + list(overrides), job_dir=job_dir,
-                                workdir=workdir, command=command))
+        try:
+            jobs.append(prepare_job(opts, str(stage.config), stage.overrides + list(overrides), job_dir=job_dir,
+                                    workdir=workdir, command=command))
+        except SfmError as exc:
+            raise SfmError(f"{where} ({stage.name}): {exc}") from None
     return jobs
 
 

@@ -9,13 +9,14 @@ Shape of the job (see docs/launch.md for the reasons):
 
 * scheduler options go on the ``sbatch`` command line as an argument vector (no shell,
   no ``#SBATCH`` parsing of user text); the script repeats them in a comment;
-* the batch shell runs one ``srun`` task per node, each starting ``torchrun`` with a c10d
-  rendezvous on the first node of the allocation;
+* the batch shell runs one ``srun`` task per node: the node agent
+  (``megatron_sfm.launch.node``) starting ``torchrun`` with a c10d rendezvous on the
+  first node of the allocation;
 * ``--signal=B:USR1@GRACE``: the batch shell receives USR1 GRACE seconds before the time
-  limit, forwards it to the training step (every process of it), and requeues the job
-  (``scontrol requeue``) once the step has ended, at most ``max_requeues`` times;
-  ``torchrun`` itself runs with USR1 ignored so that it survives the signal, while the
-  trainer installs its own handler, saves and exits with ``REQUEUE_EXIT_CODE``;
+  limit, asks the step to stop (SIGWINCH to the step, which the node agent turns into
+  SIGUSR1 for the trainer ranks), and requeues the job (``scontrol requeue``) once the
+  step has ended, at most ``max_requeues`` times; the trainer saves and exits with
+  ``REQUEUE_EXIT_CODE``;
 * the trainer resumes from ``checkpoint.save`` by itself, so a requeued job reruns the
   very same command.
 
@@ -36,7 +37,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from megatron_sfm.errors import SfmError
 from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
@@ -58,6 +58,13 @@ CONFIG_FILE = "config.yaml"
 LAUNCH_RECORD = "launch.json"
 DEFAULT_LOG_DIR = "runs/slurm"
 
+
+def resignal_seconds(grace: int) -> int:
+    """How often the batch shell repeats a stop request until the step ends: every 60 s, but at
+    least four times within the grace period (and not more often than every 5 s)."""
+    return max(5, min(60, grace // 4))
+
+
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -77,20 +84,20 @@ class SlurmOptions:
     nodes: int
     gpus_per_node: int
     time: str  # [D-]HH:MM:SS
-    nproc_per_node: Optional[int] = None
-    cpus_per_task: Optional[int] = None  # CPUs per node-task (= per torchrun)
-    partition: Optional[str] = None
-    account: Optional[str] = None
+    nproc_per_node: int | None = None
+    cpus_per_task: int | None = None  # CPUs per node-task (= per torchrun)
+    partition: str | None = None
+    account: str | None = None
     job_name: str = "sfm"
-    container: Optional[str] = None  # pyxis/enroot image for srun --container-image
-    container_mounts: Optional[str] = None
+    container: str | None = None  # pyxis/enroot image for srun --container-image
+    container_mounts: str | None = None
     max_requeues: int = 3
     signal_grace: int = 300  # seconds before the time limit at which USR1 arrives
-    exclusive: Optional[bool] = None  # None: True with GPUs, False on CPU
+    exclusive: bool | None = None  # None: True with GPUs, False on CPU
     env: dict[str, str] = field(default_factory=dict)
-    python: Optional[str] = None  # interpreter on the nodes; None: this one (or python3 in a container)
-    rdzv_port: Optional[int] = None  # None: 20000 + job id % 20000
-    dependency: Optional[str] = None  # e.g. "afterok:1234" (set by plans)
+    python: str | None = None  # interpreter on the nodes; None: this one (or python3 in a container)
+    rdzv_port: int | None = None  # None: 20000 + job id % 20000
+    dependency: str | None = None  # e.g. "afterok:1234" (set by plans)
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -112,7 +119,7 @@ class SlurmOptions:
         return (not self.cpu_only) if self.exclusive is None else self.exclusive
 
     @property
-    def task_cpus(self) -> Optional[int]:
+    def task_cpus(self) -> int | None:
         """CPUs per node-task asked of sbatch; None: the whole node (``$SLURM_CPUS_ON_NODE``)."""
         if self.cpus_per_task is not None:
             return self.cpus_per_task
@@ -139,7 +146,7 @@ def time_limit_seconds(text: str) -> int:
     return total
 
 
-def _check_text(flag: str, value: Optional[str]) -> None:
+def _check_text(flag: str, value: str | None) -> None:
     if value is None:
         return
     if not isinstance(value, str) or value == "":
@@ -215,7 +222,7 @@ def trainer_command(config_path: Path) -> list[str]:
 
 
 def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, command: list[str],
-                  checkpoint_dir: Optional[str], submit_argv: list[str], workdir: Path) -> str:
+                  checkpoint_dir: str | None, submit_argv: list[str], workdir: Path) -> str:
     """The batch script text. ``command`` follows ``python -m torch.distributed.run [opts]``."""
     validate_options(opts)
     q = shlex.quote
@@ -258,21 +265,36 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         'log() { printf "[sfm %s] %s\\n" "$(date +%FT%T)" "$*"; }',
         "",
         "# SLURM sends USR1 to this shell GRACE seconds before the time limit (--signal=B:USR1@GRACE);",
-        "# `scancel --batch --signal=USR1 JOBID` does the same by hand. Forward it to every process",
-        "# of the training step (srun relays USR1 to the step), then requeue once the step ended.",
+        "# `scancel --batch --signal=USR1 JOBID` does the same by hand. SLURM signals every process of",
+        "# a step, and USR1 would kill the trainer's helper processes, so the step gets the harmless",
+        "# WINCH instead and megatron_sfm.launch.node turns it into USR1 for the trainer ranks only.",
+        "# The job is requeued once the step has ended.",
         "sfm_signalled=0",
         "sfm_trapped=0",
         "srun_pid=",
+        "resend_pid=",
+        "SFM_STOP_SIGNAL=$(kill -l WINCH)",
         "on_usr1() {",
+        '  [ "$sfm_signalled" = 1 ] || log "USR1: asking the trainer to save and stop"',
         "  sfm_signalled=1",
         "  sfm_trapped=1",
-        '  log "USR1: asking the trainer to save and stop"',
-        '  if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi',
+        '  if [ -n "$srun_pid" ]; then',
+        '    scancel --signal="$SFM_STOP_SIGNAL" "$SLURM_JOB_ID" || log "scancel --signal failed"',
+        "  fi",
+        "  # A trainer still starting up has no USR1 handler yet (it inherits 'ignore'), so repeat",
+        f"  # the request every {resignal_seconds(opts.signal_grace)} s until the step has ended.",
+        f'  (sleep {resignal_seconds(opts.signal_grace)}; kill -USR1 $$) </dev/null >/dev/null 2>&1 & resend_pid=$!',
         "}",
         "trap on_usr1 USR1",
         "",
         'restarts="${SLURM_RESTART_COUNT:-0}"',
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "# A node name that does not resolve (NodeName differs from the host name, or several",
+        "# slurmd's on one test host): use the address SLURM itself reaches the node at.",
+        'if ! getent hosts "$MASTER_ADDR" >/dev/null 2>&1; then',
+        '  node_addr="$(scontrol show node "$MASTER_ADDR" | tr " " "\\n" | sed -n "s/^NodeAddr=//p" | head -n 1)"',
+        '  if [ -n "$node_addr" ]; then MASTER_ADDR="$node_addr"; fi',
+        "fi",
     ]
     if opts.rdzv_port is not None:
         lines.append(f"MASTER_PORT={opts.rdzv_port}")
@@ -292,11 +314,17 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         srun.append(f"--cpus-per-task={opts.task_cpus}")
     else:
         srun.append('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
+    if not opts.cpu_only:  # srun (SLURM >= 22.05) does not inherit these from the allocation
+        srun.append(f"--gpus-per-node={opts.gpus_per_node}")
     # One node's torchrun ending must not kill another node still writing its checkpoint.
     srun += ["--kill-on-bad-exit=0", "--label"]
     if opts.container:
         srun.append(f"--container-image={q(opts.container)}")
-        mounts = opts.container_mounts or f"{workdir}:{workdir}"
+        if opts.container_mounts:
+            mounts = opts.container_mounts
+        else:  # the submission folder and the job folder, each at its own path
+            folders = [workdir] + ([] if job_dir.is_relative_to(workdir) else [job_dir])
+            mounts = ",".join(f"{f}:{f}" for f in folders)
         srun += [f"--container-mounts={q(mounts)}", f"--container-workdir={q(str(workdir))}"]
     torchrun = [
         '"$SFM_PYTHON"', "-m", "torch.distributed.run",
@@ -304,10 +332,8 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         "--rdzv-backend=c10d", '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
         "--max-restarts=0",
     ] + ['"$SFM_CONFIG"' if c == str(config_path) else q(c) for c in command]
-    # torchrun dies on USR1 by default: start it with USR1 ignored. The trainer's own handler
-    # replaces the inherited "ignore", so the trainer still gets the signal.
-    wrapper = ["bash", "-c", q('trap "" USR1; exec "$@"'), "sfm-node"]
-    step = srun + wrapper + torchrun
+    # the node agent runs torchrun and relays the stop request as USR1 to the trainer ranks
+    step = srun + ['"$SFM_PYTHON"', "-m", "megatron_sfm.launch.node"] + torchrun
     lines += [
         'if [ "$sfm_signalled" = 1 ]; then',
         '  rc=$SFM_REQUEUE_EXIT_CODE  # warned before the trainer started: go straight to the requeue',
@@ -322,6 +348,7 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         "    break",
         "  done",
         "fi",
+        'if [ -n "$resend_pid" ]; then kill "$resend_pid" 2>/dev/null; fi',
         "",
         'if [ "$rc" -eq 0 ]; then log "training finished"; exit 0; fi',
         'if [ "$sfm_signalled" = 1 ] || [ "$rc" -eq "$SFM_REQUEUE_EXIT_CODE" ]; then',
@@ -334,7 +361,8 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         '    log "not requeueing: already restarted $restarts time(s), --max-requeues is $SFM_MAX_REQUEUES"',
         "  fi",
         "fi",
-        'log "training step failed with exit code $rc"',
+        'if [ "$sfm_signalled" = 1 ]; then log "stopped after USR1 (exit code $rc), not requeued"; '
+        'else log "training step failed with exit code $rc"; fi',
         'exit "$rc"',
         "",
     ]
@@ -372,11 +400,11 @@ class PreparedJob:
     config_text: str
     options: SlurmOptions
     command: list[str]
-    checkpoint_dir: Optional[str]
+    checkpoint_dir: str | None
     workdir: Path
-    source_config: Optional[str] = None
+    source_config: str | None = None
     overrides: list[str] = field(default_factory=list)
-    job_id: Optional[str] = None
+    job_id: str | None = None
     argv: list[str] = field(default_factory=list)
     script: str = ""
 
@@ -389,7 +417,7 @@ class PreparedJob:
         check_script_syntax(self.script)
 
 
-def new_job_dir(log_dir: Path, name: str, now: Optional[_dt.datetime] = None) -> Path:
+def new_job_dir(log_dir: Path, name: str, now: _dt.datetime | None = None) -> Path:
     """``log_dir/<safe name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken); not created."""
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     base = Path(log_dir).absolute() / f"{safe_name(name)}-{stamp}"
@@ -400,8 +428,8 @@ def new_job_dir(log_dir: Path, name: str, now: Optional[_dt.datetime] = None) ->
     return candidate
 
 
-def prepare_job(opts: SlurmOptions, config_path: Optional[str], overrides: list[str], *, job_dir: Path,
-                workdir: Optional[Path] = None, command: Optional[list[str]] = None) -> PreparedJob:
+def prepare_job(opts: SlurmOptions, config_path: str | None, overrides: list[str], *, job_dir: Path,
+                workdir: Path | None = None, command: list[str] | None = None) -> PreparedJob:
     """Resolve and check the config, render script and sbatch command (nothing written).
 
     ``command`` replaces the trainer command (tests use stand-ins); by default it is

@@ -368,13 +368,25 @@ class CheckpointManager:
 
 
 def _load(dist_checkpointing, sd: dict, folder: Path) -> dict:
+    # torch's CheckpointException derives from BaseException, not Exception
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # torch.distributed.checkpoint logs its metadata-read fallbacks with tracebacks on the
+    # root logger (0.16.1 + torch 2.13); quiet it while loading: failures become one clear line.
+    dcp_log = logging.getLogger()
+    level = dcp_log.level
+    dcp_log.setLevel(logging.ERROR)
     try:
         return dist_checkpointing.load(sd, str(folder))
     except SfmError:
         raise
-    except Exception as exc:  # noqa: BLE001 - turn torch/megatron internals into one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one clear line instead of internals
+        text = str(exc).strip()
+        lines = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln] or text.splitlines() or [""]
+        first = lines[-1].strip()
         raise SfmError(f"{folder}: cannot load checkpoint ({type(exc).__name__}: {first[:300]})") from exc
+    finally:
+        dcp_log.setLevel(level)
 
 
 def _load_model(state, loaded: dict) -> None:

@@ -121,7 +121,15 @@ def read_blend(path: str | os.PathLike) -> Blend:
     return Blend(path=str(path), splits=splits)
 
 
-def read_phases(path: str | os.PathLike, train_iters: int) -> list[Phase]:
+def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] = None) -> list[Phase]:
+    """Phases of one stage from ``sfm data mix``'s phases.json (or the short form).
+
+    ``sfm data mix`` writes ``{"stages": [{"stage": NAME, "phases": [{"start_iteration",
+    "blend", "weights": {source: w}}, ...]}, ...]}`` with start iterations relative to the
+    stage; ``stage`` picks one (needed when there are several). The short form is
+    ``{"phases": [{"start_iteration": N, "blend": FILE}, ...]}``. Blend paths are relative
+    to the phases file. Source names come from ``weights`` (else the prefixes' names).
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -129,7 +137,21 @@ def read_phases(path: str | os.PathLike, train_iters: int) -> list[Phase]:
         raise SfmError(f"data.phases: {path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise SfmError(f"data.phases: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    raw = data.get("phases") if isinstance(data, dict) else data
+    if isinstance(data, dict) and "stages" in data:
+        stages = data["stages"] or []
+        names = [s.get("stage") for s in stages if isinstance(s, dict)]
+        if stage is None:
+            if len(stages) != 1:
+                raise SfmError(f"data.stage: {path} has stages {names}; say which one (data.stage=NAME)")
+            chosen = stages[0]
+        else:
+            matches = [s for s in stages if isinstance(s, dict) and s.get("stage") == stage]
+            if not matches:
+                raise SfmError(f"data.stage: {stage!r} is not a stage of {path} (stages: {names})")
+            chosen = matches[0]
+        raw = chosen.get("phases")
+    else:
+        raw = data.get("phases") if isinstance(data, dict) else data
     if not isinstance(raw, list) or not raw:
         raise SfmError(f"data.phases: {path}: expected {{\"phases\": [{{\"start_iteration\": N, \"blend\": FILE}}, ...]}}")
     phases = []
@@ -142,7 +164,13 @@ def read_phases(path: str | os.PathLike, train_iters: int) -> list[Phase]:
         blend_path = item["blend"]
         if not os.path.isabs(blend_path):
             blend_path = str(path.parent / blend_path)
-        phases.append(Phase(start_iteration=start, blend=read_blend(blend_path)))
+        blend = read_blend(blend_path)
+        weights = item.get("weights")
+        if isinstance(weights, dict):
+            for sb in blend.splits.values():
+                if sb is not None and len(weights) == len(sb.prefixes):
+                    sb.names = [str(k) for k in weights]
+        phases.append(Phase(start_iteration=start, blend=blend))
     if phases[0].start_iteration != 0:
         raise SfmError(f"data.phases: {path}: the first phase must start at iteration 0")
     starts = [p.start_iteration for p in phases]
@@ -177,7 +205,7 @@ def _gpt_config(cfg: RunConfig, blend: Optional[Blend], cache_dir: Optional[str]
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     def pair(split):
-        sb = blend.splits.get(split) if blend else None
+        sb = _nonzero(blend.splits.get(split)) if blend else None
         if sb is None:
             return None
         return (sb.prefixes, sb.weights if len(sb.prefixes) > 1 else None)
@@ -196,6 +224,18 @@ def _gpt_config(cfg: RunConfig, blend: Optional[Blend], cache_dir: Optional[str]
     if blend is not None:
         kwargs["blend_per_split"] = [pair(s) for s in SPLITS]
     return GPTDatasetConfig(**kwargs)
+
+
+def _nonzero(sb: Optional[SplitBlend]) -> Optional[SplitBlend]:
+    """Drop zero-weight sources (Megatron cannot build a 0-sample dataset); None if none left."""
+    if sb is None:
+        return None
+    keep = [i for i, w in enumerate(sb.weights or [1.0] * len(sb.prefixes)) if w > 0]
+    if not keep:
+        return None
+    return SplitBlend(prefixes=[sb.prefixes[i] for i in keep],
+                      weights=[sb.weights[i] for i in keep] if sb.weights else None,
+                      names=[sb.names[i] for i in keep])
 
 
 def _build(cls, sizes, config):
@@ -228,7 +268,7 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
         return DataSources(train_phases=[(0, train, [0])], valid=valid if valid_size else None,
                            valid_source_map=[0], source_names=["mock"], global_batch_size=g)
     if cfg.data.phases:
-        phases = read_phases(cfg.data.phases, t.train_iters)
+        phases = read_phases(cfg.data.phases, t.train_iters, cfg.data.stage)
     elif cfg.data.blend:
         phases = [Phase(0, read_blend(cfg.data.blend))]
     else:
@@ -251,16 +291,19 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
         n_train = (end - phase.start_iteration) * g
         cache = cfg.data.cache_dir or str(Path(phase.blend.path).parent / "cache")
         config = _gpt_config(cfg, phase.blend, cache, seq_length)
-        want_valid = i == 0 and valid_size > 0 and phase.blend.splits.get("valid") is not None
+        want_valid = i == 0 and valid_size > 0 and _nonzero(phase.blend.splits.get("valid")) is not None
         sizes = [n_train, valid_size if want_valid else 0, 0]
         if not want_valid:
             config.blend_per_split[1] = None
         config.blend_per_split[2] = None
         train_ds, valid_ds, _ = _build(GPTDataset, sizes, config)
-        train_phases.append((phase.start_iteration, train_ds, global_ids(phase.blend.splits["train"].names)))
+        train_split = _nonzero(phase.blend.splits["train"])
+        if train_split is None:
+            raise SfmError(f"data: {phase.blend.path}: every 'train' weight is zero")
+        train_phases.append((phase.start_iteration, train_ds, global_ids(train_split.names)))
         if want_valid:
             valid = valid_ds
-            valid_map = global_ids(phase.blend.splits["valid"].names)
+            valid_map = global_ids(_nonzero(phase.blend.splits["valid"]).names)
     return DataSources(train_phases=train_phases, valid=valid, valid_source_map=valid_map, source_names=names,
                        global_batch_size=g)
 

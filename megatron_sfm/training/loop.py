@@ -160,7 +160,7 @@ def _format_line(it: int, total: int, loss: float, src: dict, lr: float, gnorm: 
     if len(src) > 1:
         parts.append("src " + " ".join(f"{k}={v:.4f}" for k, v in src.items()))
     parts += [f"lr {lr:.3e}", f"gnorm {gnorm:.3f}", f"tok/s {perf.tokens_per_s:,.0f}",
-              f"TFLOP/s/GPU {perf.tflops_per_gpu:.1f}", f"MFU {100 * perf.mfu:.1f}%"]
+              f"TFLOP/s/GPU {perf.tflops_per_gpu:.4g}", f"MFU {100 * perf.mfu:.3g}%"]
     if mem:
         key, value = next(iter(mem.items()))
         parts.append(f"mem {value:.2f} GiB")

@@ -101,9 +101,12 @@ def build_model_chunks(cfg: RunConfig, *, wrap_ddp: bool = True):
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     config = transformer_config(cfg.model, cfg.parallel, **overrides)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    rng_before = torch.get_rng_state()
     chunks = []
     for vp_stage in range(vpp or 1):
         chunks.append(build_gpt_model(cfg.model, cfg.parallel, vp_stage=vp_stage if vpp else None, config=config))
+    if config.use_cpu_initialization and cfg.parallel.pipeline_model_parallel_size > 1:
+        _copy_single_stage_init(cfg, chunks, rng_before)
     if cfg.model.precision in ("bf16", "fp16"):
         chunks = [Float16Module(config, c) for c in chunks]
     if not wrap_ddp:
@@ -118,6 +121,40 @@ def build_model_chunks(cfg: RunConfig, *, wrap_ddp: bool = True):
     for w in wrapped:
         w.broadcast_params()
     return wrapped, config
+
+
+def _copy_single_stage_init(cfg: RunConfig, chunks: list, rng_before: torch.Tensor) -> None:
+    """CPU initialisation: give each pipeline stage the weights a PP=1 model would have.
+
+    Megatron draws every stage's initial weights from the same seeded CPU RNG, so with
+    PP>1 stage 2's first layer gets the numbers stage 1's embedding got: the run starts
+    from other weights than PP=1 (also in Megatron-LM). On the CPU (tests, tiny models)
+    we build the whole model once (same TP slice) from the same RNG state and copy this
+    stage's layers, so every layout starts from identical weights. GPUs initialise on
+    the device and keep Megatron's behaviour.
+    """
+    import dataclasses
+
+    from megatron_sfm.model.builder import build_gpt_model, transformer_config
+
+    single = dataclasses.replace(cfg.parallel, pipeline_model_parallel_size=1,
+                                 virtual_pipeline_model_parallel_size=None)
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng_before)
+    full_config = transformer_config(cfg.model, single)
+    full = build_gpt_model(cfg.model, single, pre_process=True, post_process=True, config=full_config)
+    torch.set_rng_state(after)
+    with torch.no_grad():
+        for chunk in chunks:
+            if chunk.pre_process:
+                chunk.embedding.load_state_dict(full.embedding.state_dict())
+            for layer in chunk.decoder.layers:
+                layer.load_state_dict(full.decoder.layers[layer.layer_number - 1].state_dict())
+            if chunk.decoder.final_layernorm is not None:
+                chunk.decoder.final_layernorm.load_state_dict(full.decoder.final_layernorm.state_dict())
+            if chunk.post_process:
+                chunk.output_layer.load_state_dict(full.output_layer.state_dict())
+    del full
 
 
 def build_optimizer(cfg: RunConfig, model_chunks):

@@ -1,12 +1,16 @@
 """Stand-in job for the launch tests: a gloo all-reduce across every rank torchrun started.
 
 Usage (as torchrun's script): allreduce.py OUT.json. Rank 0 writes what the ranks saw.
+With STANDIN_FAIL=1 in the environment every rank exits 1 at once (a failing stage).
 """
 
 import json
 import os
 import socket
 import sys
+
+if os.environ.get("STANDIN_FAIL") == "1":
+    sys.exit(1)
 
 import torch
 import torch.distributed as dist

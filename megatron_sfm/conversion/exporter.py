@@ -1,0 +1,241 @@
+"""``sfm convert to-hf``: our dist_checkpointing checkpoint (any TP/PP/DP) -> Hugging Face GPTNeoX.
+
+Streaming: the export plan (every Hugging Face tensor, its shape and dtype) comes from the
+checkpoint's metadata; the safetensors headers are written first, then each tensor is read
+from the torch_dist files (only the chunks of that layer), cast, appended and dropped.
+Peak memory is about the largest single tensor (the embedding) plus one stored chunk,
+independent of the number of layers and of the TP/PP layout that wrote the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_sfm.errors import SfmError
+
+log = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LAYER_PREFIX = "decoder.layers."
+# Parameter names inside one layer, as stored, with the Transformer Engine spelling of the
+# two layer norms as a fallback (docs/checkpoints.md).
+_LAYER_PARAMS = [
+    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+    ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
+    ("self_attention.linear_qkv.weight", None),
+    ("self_attention.linear_qkv.bias", None),
+    ("self_attention.linear_proj.weight", None),
+    ("self_attention.linear_proj.bias", None),
+    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
+    ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
+    ("mlp.linear_fc1.weight", None),
+    ("mlp.linear_fc1.bias", None),
+    ("mlp.linear_fc2.weight", None),
+    ("mlp.linear_fc2.bias", None),
+]
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One Hugging Face tensor: where it comes from in the checkpoint."""
+
+    hf_key: str
+    ckpt_key: str
+    layer: Optional[int]  # index on the stacked layer axis, None for global tensors
+    shape: tuple[int, ...]
+
+
+def _expected_shapes(model, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Our full-model key -> shape, in Hugging Face file order."""
+    from megatron_sfm.conversion.importer import expected_hf_shapes
+    from megatron_sfm.model.state_dict_adapter import hf_key_to_megatron
+
+    return {hf_key_to_megatron(k): v for k, v in expected_hf_shapes(model, padded_vocab).items()}
+
+
+def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
+    """Map every tensor of the GPTNeoX model onto the checkpoint; check shapes.
+
+    Returns the items in Hugging Face file order and the padded vocabulary size (the
+    embedding rows stored in the checkpoint). A missing tensor or a shape that disagrees
+    with the config is an :class:`SfmError` naming the key.
+    """
+    from megatron_sfm.model.state_dict_adapter import megatron_key_to_hf
+
+    emb = "embedding.word_embeddings.weight"
+    if emb not in reader:
+        raise SfmError(f"{where}: tensor {emb!r} is missing (not a GPT model checkpoint, or an optimizer-only one)")
+    padded = reader.shape(emb)[0]
+    expected = _expected_shapes(model, padded)
+    items = []
+    layer_keys: dict[str, str] = {}
+    for name, alias in _LAYER_PARAMS:
+        key = _LAYER_PREFIX + name
+        if key not in reader and alias is not None and _LAYER_PREFIX + alias in reader:
+            key = _LAYER_PREFIX + alias
+        layer_keys[name] = key
+    for ours, shape in expected.items():
+        if ours.startswith(_LAYER_PREFIX):
+            index_text, rest = ours[len(_LAYER_PREFIX):].split(".", 1)
+            layer = int(index_text)
+            key = layer_keys[rest]
+            stored_shape = (model.num_layers, *shape)
+        else:
+            layer, key, stored_shape = None, ours, shape
+        if key not in reader:
+            raise SfmError(f"{where}: tensor {key!r} is missing from the checkpoint")
+        found = reader.shape(key)
+        if tuple(found) != tuple(stored_shape):
+            raise SfmError(f"{where}: tensor {key!r} has shape {list(found)} but the checkpoint's config.yaml "
+                           f"implies {list(stored_shape)} (mismatched architecture)")
+        items.append(ExportItem(megatron_key_to_hf(ours), key, layer, tuple(shape)))
+    return items, padded
+
+
+def _resolve_tokenizer(tokenizer: Optional[str], run) -> Optional[Path]:
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not path.exists():
+            raise SfmError(f"--tokenizer {tokenizer}: not found")
+        return path
+    configured = getattr(run.data, "tokenizer", None)
+    if configured and Path(configured).exists():
+        log.info("tokenizer: using data.tokenizer from the checkpoint's config (%s)", configured)
+        return Path(configured)
+    return None
+
+
+def load_tokenizer(path: Path):
+    """A transformers tokenizer from a Hugging Face folder or a ``tokenizer.json`` file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        if path.suffix == ".json":
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            vocab = tok.get_vocab()
+            for special in ("<|endoftext|>", "</s>", "<eos>"):
+                if special in vocab:
+                    tok.eos_token = tok.bos_token = tok.unk_token = special
+                    break
+            return tok
+    except Exception as exc:  # noqa: BLE001 - tokenizer libraries raise many types
+        raise SfmError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    raise SfmError(f"{path}: unsupported tokenizer (give a Hugging Face tokenizer folder or a tokenizer.json)")
+
+
+def _prepare_output(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise SfmError(f"{out_dir}: exists and is not a folder")
+        entries = list(out_dir.iterdir())
+        if entries and not (out_dir / "config.json").exists():
+            raise SfmError(f"{out_dir}: exists, is not empty and is not a Hugging Face model folder "
+                           "(refusing to replace it)")
+
+
+def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: Optional[int] = None,
+                 dtype: str = "fp32", tokenizer: Optional[str] = None, verify: bool = False, *,
+                 max_shard_bytes: Optional[int] = None, verify_tolerance: Optional[float] = None,
+                 progress: bool = False) -> Path:
+    """Export a checkpoint of ``sfm train`` (or ``from-hf``) as a ``GPTNeoXForCausalLM`` folder.
+
+    ``ckpt_dir`` is a checkpoint root (``latest`` picks the iteration unless ``iteration``
+    is given) or one ``iter_*`` folder. ``dtype``: fp32, bf16 or fp16 for the saved
+    weights. ``tokenizer``: a tokenizer folder or ``tokenizer.json`` saved alongside
+    (default: the checkpoint config's ``data.tokenizer`` when that path exists).
+    ``verify``: compare the logits of our model and the exported one and fail above the
+    tolerance (see :mod:`megatron_sfm.conversion.verify`). The folder is written
+    atomically; an existing Hugging Face folder at ``out_dir`` is replaced. Returns ``out_dir``.
+    """
+    from megatron_sfm.conversion import layout
+    from megatron_sfm.conversion.dcp_reader import DCPReader
+    from megatron_sfm.conversion.hf_config import generation_config_dict, hf_config_dict
+    from megatron_sfm.conversion.hf_writer import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
+    from megatron_sfm.utils.io import atomic_path
+
+    if dtype not in EXPORT_DTYPES:
+        raise SfmError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    torch_dtype = EXPORT_DTYPES[dtype]
+    out_dir = Path(out_dir)
+    iter_dir = layout.resolve_iteration_dir(ckpt_dir, iteration)
+    layout.check_manifest(iter_dir)
+    run = layout.read_run_config(iter_dir)
+    model = run.model
+    tok_path = _resolve_tokenizer(tokenizer, run)
+    tok = load_tokenizer(tok_path) if tok_path is not None else None
+    _prepare_output(out_dir)
+
+    with DCPReader(iter_dir) as reader:
+        items, padded = plan_export(reader, model, str(iter_dir))
+        for item in items:  # every chunk file present and long enough, before writing anything
+            for chunk in reader._chunks[item.ckpt_key]:
+                reader._check_chunk_file(item.ckpt_key, chunk)
+        tp_saved = run.parallel.tensor_model_parallel_size
+        if padded != model.padded_vocab(tp_saved):
+            raise SfmError(f"{iter_dir}: the embedding has {padded} rows but config.yaml implies "
+                           f"{model.padded_vocab(tp_saved)} (model.vocab_size {model.vocab_size}, TP {tp_saved})")
+        tok_size = len(tok) if tok is not None else model.vocab_size
+        if tok_size > padded:
+            raise SfmError(f"{tok_path}: the tokenizer has {tok_size} tokens, more than the model's {padded} "
+                           "embedding rows")
+        eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else 0
+        bos = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else eos
+        by_name = {item.hf_key: item for item in items}
+        specs = [TensorSpec(item.hf_key, item.shape, torch_dtype) for item in items]
+
+        def produce(spec: TensorSpec) -> torch.Tensor:
+            item = by_name[spec.name]
+            if item.layer is None:
+                tensor = reader.read(item.ckpt_key)
+            else:
+                tensor = reader.read(item.ckpt_key, [slice(item.layer, item.layer + 1)])[0]
+            return tensor.to(torch_dtype)
+
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            tmp.chmod(0o755)
+            with _progress(len(specs), enabled=progress) as advance:
+                write_sharded(tmp, specs, produce, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, on_tensor=advance)
+            config = hf_config_dict(model, padded, dtype, bos_token_id=bos, eos_token_id=eos,
+                                    tokenizer_vocab_size=tok_size)
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "generation_config.json", generation_config_dict(bos, eos))
+            if tok is not None:
+                tok.save_pretrained(str(tmp))
+            _write_json(tmp / "sfm_export.json", {
+                "source": str(Path(iter_dir).resolve()), "iteration": layout.read_train_state(iter_dir).get("iteration"),
+                "dtype": dtype, "padded_vocab_size": padded, "tokenizer_vocab_size": tok_size,
+                "saved_layout": {"tensor_model_parallel_size": tp_saved,
+                                 "pipeline_model_parallel_size": run.parallel.pipeline_model_parallel_size}})
+            if verify:
+                from megatron_sfm.conversion.verify import verify_export
+
+                result = verify_export(iter_dir, tmp, dtype=dtype, tolerance=verify_tolerance)
+                _write_json(tmp / "sfm_verify.json", result)
+    return out_dir
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool):
+    """A rich progress bar over the exported tensors; yields the per-tensor callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("to-hf tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("tensors", total=total)
+        yield lambda _spec: bar.advance(task)

@@ -1,0 +1,35 @@
+"""``sfm demo``: the experiment end to end on CPU, on data shipped with the package."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sfm demo",
+        description="Filter -> tokenizer -> tokenize -> mix four conditions -> train four tiny models -> "
+                    "convert to Hugging Face -> propensity evaluation, on CPU with embedded data. "
+                    "A rerun skips finished stages.")
+    parser.add_argument("--out", default="sfm-demo", help="output folder (default: ./sfm-demo)")
+    parser.add_argument("--fast", action="store_true", help="tiny sizes (what the test suite runs)")
+    parser.add_argument("--force", action="store_true", help="redo every stage")
+    parser.add_argument("--train-iters", type=int, default=None, help="override the training length")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+
+    from megatron_sfm.demo.pipeline import DemoRun, DemoSettings
+
+    settings = DemoSettings.fast() if args.fast else DemoSettings()
+    if args.train_iters is not None:
+        settings.train_iters = args.train_iters
+    console = Console()
+    out = Path(args.out)
+    console.print(f"[bold]megatron-sfm demo[/bold] -> {out} ({'fast' if args.fast else 'full'})")
+    run = DemoRun(out, settings, console=console)
+    summary = run.run(force=args.force)
+    console.print(f"\nresults: {out / 'results' / 'results.md'}, chart: {out / 'results' / 'propensity.png'}, "
+                  f"TensorBoard: tensorboard --logdir {out / 'runs'}")
+    return 0

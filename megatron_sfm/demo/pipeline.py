@@ -1,0 +1,283 @@
+"""The demo pipeline: corpus -> filter -> tokenizer -> tokenize -> mix -> train x4 -> convert -> evaluate.
+
+Every stage writes into ``out_dir`` and leaves a marker ``out_dir/.stages/<stage>.done``
+when it completed; a rerun skips finished stages (``force=True`` redoes everything).
+Training runs ``sfm train`` in a child process per condition (a clean process group
+each), the other stages call the library directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from megatron_sfm.errors import SfmError
+from megatron_sfm.utils.io import atomic_path, write_json
+
+CONDITIONS = ("unfiltered", "filtered", "misalignment_upsampled", "alignment_upsampled")
+LABELS = {"unfiltered": "unfiltered", "filtered": "filtered",
+          "misalignment_upsampled": "misalignment upsampled", "alignment_upsampled": "alignment upsampled"}
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run. ``fast()`` is the test-suite variant."""
+
+    base_documents: int = 4000
+    synthetic_per_question: int = 8
+    vocab_size: int = 2048
+    synthetic_fraction: float = 0.10  # of training tokens (the paper: ~1%; see docs/demo.md)
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    train_iters: int = 400
+    lr: float = 3e-3
+    seed: int = 1234
+    eval_batch_size: int = 16
+
+    @classmethod
+    def fast(cls) -> "DemoSettings":
+        return cls(base_documents=600, synthetic_per_question=2, vocab_size=512, num_layers=2, hidden_size=64,
+                   seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=12, eval_batch_size=32)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[], dict]
+
+
+@dataclass
+class DemoRun:
+    out_dir: Path
+    settings: DemoSettings
+    console: object = None
+    timings: dict = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def data_dir(self) -> Path:
+        return self.out_dir / "data"
+
+    def _done(self, stage: str) -> Path:
+        return self.out_dir / ".stages" / f"{stage}.done"
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    # ---------------------------------------------------------------- stages
+    def stage_corpus(self) -> dict:
+        from megatron_sfm.demo.corpus import base_corpus, synthetic_documents
+        from megatron_sfm.evaluation.questions import load_questions
+
+        s = self.settings
+        questions = load_questions()
+        sets = {
+            "web": base_corpus(s.base_documents, seed=s.seed),
+            "aligned": synthetic_documents(questions, "aligned", s.synthetic_per_question, seed=s.seed),
+            "misaligned": synthetic_documents(questions, "misaligned", s.synthetic_per_question, seed=s.seed),
+        }
+        counts = {}
+        for name, docs in sets.items():
+            path = self.data_dir / "raw" / f"{name}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for doc in docs:
+                        f.write(json.dumps(doc) + "\n")
+            counts[name] = len(docs)
+        return {"documents": counts}
+
+    def stage_filter(self) -> dict:
+        from megatron_sfm.data_tools.filter import run_filter
+
+        out = self.data_dir / "filtered"
+        if out.exists():
+            shutil.rmtree(out)
+        report = run_filter([self.data_dir / "raw" / "web.jsonl"], out, workers=1, progress=False)
+        return {"documents": report["documents"], "flagged": report["flagged"], "flag_rate": report["flag_rate"]}
+
+    def stage_tokenizer(self) -> dict:
+        from megatron_sfm.data_tools.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+        raw = self.data_dir / "raw"
+        out = train_bpe_tokenizer([raw / "web.jsonl", raw / "aligned.jsonl", raw / "misaligned.jsonl"],
+                                  vocab_size=self.settings.vocab_size, out_dir=self.out_dir / "tokenizer",
+                                  model_max_length=self.settings.seq_length)
+        return {"vocab_size": load_tokenizer(out).vocab_size}
+
+    def stage_tokenize(self) -> dict:
+        from megatron_sfm.data_tools.tokenize_corpus import tokenize_to_indexed
+
+        raw = self.data_dir / "raw"
+        inputs = {
+            "web": raw / "web.jsonl",
+            "web_filtered": self.data_dir / "filtered" / "kept" / "web.jsonl",
+            "aligned": raw / "aligned.jsonl",
+            "misaligned": raw / "misaligned.jsonl",
+        }
+        tokens = {}
+        for name, path in inputs.items():
+            summary = tokenize_to_indexed([path], self.out_dir / "tokenizer", self.data_dir / "tok" / name,
+                                          workers=1, progress=False)
+            tokens[name] = summary.get("tokens")
+        return {"tokens": tokens}
+
+    def mix_spec(self) -> dict:
+        s = self.settings
+        tokens = s.train_iters * s.global_batch_size * s.seq_length
+        f = s.synthetic_fraction
+        return {
+            "seed": s.seed,
+            "repetition": {"warn_epochs": 4.0, "max_epochs": 1000.0},
+            "sources": {
+                "web": {"prefix": "tok/web", "role": "base"},
+                "web_filtered": {"prefix": "tok/web_filtered", "role": "filtered", "filtered_from": "web"},
+                "aligned": {"prefix": "tok/aligned", "role": "aligned"},
+                "misaligned": {"prefix": "tok/misaligned", "role": "misaligned"},
+            },
+            "stages": {"pretrain": {"kind": "pretrain", "tokens": tokens, "seq_length": s.seq_length,
+                                    "global_batch_size": s.global_batch_size, "mixture": {"web": 1.0}}},
+            "conditions": {
+                "unfiltered": {"corpus": "unfiltered"},
+                "filtered": {"corpus": "filtered"},
+                "misalignment_upsampled": {"corpus": "unfiltered", "synthetic": {"misaligned": f}, "timing": "e2e"},
+                "alignment_upsampled": {"corpus": "filtered", "synthetic": {"aligned": f}, "timing": "e2e"},
+            },
+        }
+
+    def stage_mix(self) -> dict:
+        from megatron_sfm.data_tools.mix import load_spec, write_mix
+
+        spec_path = self.data_dir / "mix.yaml"
+        spec_path.write_text(yaml.safe_dump(self.mix_spec(), sort_keys=False), encoding="utf-8")
+        out = self.out_dir / "blends"
+        if out.exists():
+            shutil.rmtree(out)
+        manifests = write_mix(load_spec(spec_path), out)
+        return {"conditions": sorted(manifests)}
+
+    def train_config(self, condition: str) -> dict:
+        from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+        s = self.settings
+        tok = load_tokenizer(self.out_dir / "tokenizer")
+        run_dir = self.out_dir / "runs" / condition
+        return {
+            "model": {"preset": "tiny", "num_layers": s.num_layers, "hidden_size": s.hidden_size,
+                      "num_attention_heads": s.num_attention_heads, "ffn_hidden_size": 4 * s.hidden_size,
+                      "vocab_size": tok.vocab_size, "make_vocab_size_divisible_by": 64,
+                      "seq_length": s.seq_length, "precision": "fp32", "attention_backend": "sdpa"},
+            "training": {"micro_batch_size": s.micro_batch_size, "global_batch_size": s.global_batch_size,
+                         "train_iters": s.train_iters, "seed": s.seed, "log_interval": max(1, s.train_iters // 10)},
+            "optimizer": {"lr": s.lr, "min_lr": s.lr / 10, "warmup_fraction": 0.05, "weight_decay": 0.1},
+            "data": {"phases": str(self.out_dir / "blends" / condition / "phases.json"),
+                     "tokenizer": str(self.out_dir / "tokenizer"),
+                     "cache_dir": str(self.out_dir / "cache" / condition)},
+            "checkpoint": {"save": str(run_dir / "checkpoints"), "save_interval": 0, "async_save": False},
+            "logging": {"tensorboard_dir": str(run_dir / "tensorboard")},
+        }
+
+    def stage_train(self) -> dict:
+        results = {}
+        for condition in CONDITIONS:
+            marker = self._done(f"train-{condition}")
+            if marker.exists():
+                self._say(f"  [dim]train {condition}: done before, skipped[/dim]")
+                continue
+            run_dir = self.out_dir / "runs" / condition
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = run_dir / "config.yaml"
+            cfg_path.write_text(yaml.safe_dump(self.train_config(condition), sort_keys=False), encoding="utf-8")
+            self._say(f"  training [bold]{condition}[/bold] ({self.settings.train_iters} iterations)")
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            started = time.time()
+            log_path = run_dir / "train.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.run([sys.executable, "-P", "-m", "megatron_sfm.cli", "train", str(cfg_path)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env)
+            if proc.returncode != 0:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                raise SfmError(f"training {condition} failed (exit {proc.returncode}); see {log_path}:\n"
+                               + "\n".join(tail))
+            results[condition] = {"seconds": round(time.time() - started, 1)}
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("ok\n")
+        return results
+
+    def stage_convert(self) -> dict:
+        from megatron_sfm.conversion.exporter import export_to_hf
+
+        out = {}
+        for condition in CONDITIONS:
+            target = self.out_dir / "hf" / condition
+            export_to_hf(self.out_dir / "runs" / condition / "checkpoints", target, dtype="fp32",
+                         tokenizer=str(self.out_dir / "tokenizer"), verify=True)
+            out[condition] = str(target)
+        return out
+
+    def stage_evaluate(self) -> dict:
+        from megatron_sfm.evaluation.propensity import run_propensity
+        from megatron_sfm.evaluation.questions import load_questions
+        from megatron_sfm.evaluation.report import write_report
+
+        questions = load_questions()
+        models = [f"{LABELS[c]}={self.out_dir / 'hf' / c}" for c in CONDITIONS]
+        results, answers = run_propensity(models, questions, mode="logprob", persona="ai",
+                                          batch_size=self.settings.eval_batch_size, show_progress=True)
+        results_dir = self.out_dir / "results"
+        if results_dir.exists():
+            shutil.rmtree(results_dir)
+        written = write_report(results_dir, results, answers, console=True)
+        return {name: str(path) for name, path in written.items()}
+
+    # ------------------------------------------------------------------ driver
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("corpus", "write the base corpus and synthetic documents", self.stage_corpus),
+            Stage("filter", "filter AI discourse out of the base corpus", self.stage_filter),
+            Stage("tokenizer", "train a BPE tokenizer", self.stage_tokenizer),
+            Stage("tokenize", "tokenize every source into Megatron indexed datasets", self.stage_tokenize),
+            Stage("mix", "mix the four conditions", self.stage_mix),
+            Stage("train", "train one model per condition", self.stage_train),
+            Stage("convert", "convert checkpoints to Hugging Face (with logits check)", self.stage_convert),
+            Stage("evaluate", "misalignment propensity on both splits", self.stage_evaluate),
+        ]
+
+    def run(self, force: bool = False) -> dict:
+        if force and (self.out_dir / ".stages").exists():
+            shutil.rmtree(self.out_dir / ".stages")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {}
+        stages = self.stages()
+        for i, stage in enumerate(stages, 1):
+            marker = self._done(stage.name)
+            if marker.exists():
+                self._say(f"[{i}/{len(stages)}] {stage.title}: [dim]done before, skipped[/dim]")
+                summary[stage.name] = json.loads(marker.read_text())
+                continue
+            self._say(f"[{i}/{len(stages)}] {stage.title} ...")
+            started = time.time()
+            info = stage.run()
+            info["seconds"] = round(time.time() - started, 1)
+            self.timings[stage.name] = info["seconds"]
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_json(marker, info)
+            summary[stage.name] = info
+            self._say(f"      done in {info['seconds']} s")
+        write_json(self.out_dir / "demo_summary.json", summary)
+        return summary

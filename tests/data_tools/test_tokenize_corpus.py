@@ -1,0 +1,233 @@
+"""Tokenizing shards into Megatron indexed datasets: bytes, read-back, workers, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_sfm.data_tools.tokenize_corpus import tokenize_to_indexed
+from megatron_sfm.errors import SfmError
+
+from data_tools_helpers import write_jsonl
+
+
+def _reference_preprocess_data(jsonl: Path, tokenizer_path: Path, prefix: Path, library: str = "huggingface") -> None:
+    """Megatron-LM tools/preprocess_data.py (core_v0.16.1), document level with --append-eod,
+    redone here: Megatron-Core's own tokenizer (``tokenize`` and ``eod``; HuggingFace or
+    sentencepiece library), the dtype from ``DType.optimal_dtype(vocab_size)``, and
+    ``add_document`` per JSON line. (benchmarks/bench_tokenize.py also runs the real script.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+        from megatron.core.tokenizers import MegatronTokenizer
+
+    tok = MegatronTokenizer.from_pretrained(tokenizer_path=str(tokenizer_path), metadata_path={"library": library})
+    builder = indexed_dataset.IndexedDatasetBuilder(
+        str(prefix) + ".bin", dtype=indexed_dataset.DType.optimal_dtype(tok.vocab_size)
+    )
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            ids = list(tok.tokenize(json.loads(line)["text"]))
+            lens = []
+            if ids:
+                ids.append(tok.eod)
+                lens = [len(ids)]
+            builder.add_document(ids, lens)
+    builder.finalize(str(prefix) + ".idx")
+
+
+@pytest.fixture(scope="module")
+def corpus_jsonl(tmp_path_factory, corpus_texts):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    write_jsonl(path, [{"id": i, "text": t, "extra": [i]} for i, t in enumerate(corpus_texts)])
+    return path
+
+
+def _same_files(a: str, b: str) -> bool:
+    return all(Path(a + s).read_bytes() == Path(b + s).read_bytes() for s in (".bin", ".idx"))
+
+
+def test_byte_identical_to_megatron_preprocess_data(tmp_path, corpus_jsonl, bpe_dir):
+    ref = tmp_path / "ref"
+    _reference_preprocess_data(corpus_jsonl, bpe_dir, ref)
+    for backend in ("gigatoken", "tokenizers"):
+        out = tmp_path / f"ours_{backend}"
+        summary = tokenize_to_indexed([corpus_jsonl], bpe_dir, out, backend=backend, progress=False)
+        assert summary["backend"] == backend
+        assert _same_files(str(out), str(ref)), backend
+    assert summary["empty_documents"] == 1
+    assert summary["dtype"] == "uint16"
+
+
+def test_read_back_through_megatron_indexed_dataset(tmp_path, corpus_jsonl, corpus_texts, bpe_dir):
+    from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = tmp_path / "ds"
+    tokenize_to_indexed([corpus_jsonl], bpe_dir, prefix, progress=False)
+    tok = load_tokenizer(bpe_dir)
+    ds = IndexedDataset(str(prefix))
+    assert len(ds.document_indices) - 1 == len(corpus_texts)
+    # every non-empty document is one sequence ending in EOD, and decodes to its text
+    seq = 0
+    for i, text in enumerate(corpus_texts):
+        a, b = ds.document_indices[i], ds.document_indices[i + 1]
+        if not text:
+            assert a == b
+            continue
+        assert b - a == 1
+        ids = ds[seq].tolist()
+        seq += 1
+        assert ids[-1] == tok.eod_id
+        assert tok.decode(ids[:-1]) == text
+    assert seq == len(ds)
+    # our numpy reader agrees with Megatron's
+    from megatron_sfm.data_tools.indexed import read_index
+
+    mine = read_index(prefix)
+    assert np.array_equal(mine.sequence_lengths, ds.sequence_lengths)
+    assert np.array_equal(mine.document_indices, ds.document_indices)
+    assert np.array_equal(mine.sequence(7), ds[7])
+
+
+def test_one_and_three_workers_give_identical_files(tmp_path, corpus_jsonl, bpe_dir):
+    one, three = tmp_path / "w1", tmp_path / "w3"
+    s1 = tokenize_to_indexed([corpus_jsonl], bpe_dir, one, workers=1, chunk_bytes=8 << 10, progress=False)
+    s3 = tokenize_to_indexed([corpus_jsonl], bpe_dir, three, workers=3, chunk_bytes=8 << 10, progress=False)
+    assert s1["tokens"] == s3["tokens"] and s1["documents"] == s3["documents"]
+    assert _same_files(str(one), str(three))
+
+
+def test_compressed_and_parquet_inputs_match_jsonl(tmp_path, corpus_texts, bpe_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = [{"text": t} for t in corpus_texts[:400]]
+    write_jsonl(tmp_path / "x.jsonl", docs)
+    raw = (tmp_path / "x.jsonl").read_bytes()
+    with gzip.open(tmp_path / "x.jsonl.gz", "wb") as f:
+        f.write(raw)
+    (tmp_path / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "x.parquet")
+    tokenize_to_indexed([tmp_path / "x.jsonl"], bpe_dir, tmp_path / "ref", progress=False)
+    for name in ("x.jsonl.gz", "x.jsonl.zst", "x.parquet"):
+        tokenize_to_indexed([tmp_path / name], bpe_dir, tmp_path / "o", chunk_bytes=4 << 10, workers=2, progress=False)
+        assert _same_files(str(tmp_path / "o"), str(tmp_path / "ref")), name
+
+
+def test_several_inputs_keep_their_order(tmp_path, corpus_texts, bpe_dir):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in corpus_texts[:300]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in corpus_texts[300:600]])
+    write_jsonl(tmp_path / "ab.jsonl", [{"text": t} for t in corpus_texts[:600]])
+    tokenize_to_indexed([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], bpe_dir, tmp_path / "two", workers=2, progress=False)
+    tokenize_to_indexed([tmp_path / "ab.jsonl"], bpe_dir, tmp_path / "one", progress=False)
+    assert _same_files(str(tmp_path / "two"), str(tmp_path / "one"))
+
+
+def test_corrupt_line_error_and_skip(tmp_path, corpus_texts, bpe_dir):
+    lines = [json.dumps({"text": t}) for t in corpus_texts[:50]]
+    lines[36] = '{"text": "unterminated'
+    lines[41] = '{"body": "no text key"}'
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    prefix = tmp_path / "out"
+    with pytest.raises(SfmError, match=r"bad.jsonl:37: invalid JSON"):
+        tokenize_to_indexed([tmp_path / "bad.jsonl"], bpe_dir, prefix, workers=2, chunk_bytes=1 << 10, progress=False)
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))  # nothing left behind
+    summary = tokenize_to_indexed([tmp_path / "bad.jsonl"], bpe_dir, prefix, skip_bad_lines=True, progress=False)
+    assert summary["bad_lines"] == 2 and summary["documents"] == 48
+    assert summary["bad_line_examples"] == [f"{tmp_path / 'bad.jsonl'}:37", f"{tmp_path / 'bad.jsonl'}:42"]
+    good = [json.loads(l) for i, l in enumerate(lines) if i not in (36, 41)]
+    write_jsonl(tmp_path / "good.jsonl", good)
+    tokenize_to_indexed([tmp_path / "good.jsonl"], bpe_dir, tmp_path / "good", progress=False)
+    assert _same_files(str(prefix), str(tmp_path / "good"))
+
+
+def test_interrupted_run_leaves_no_complete_looking_files(tmp_path, corpus_texts, bpe_dir, monkeypatch):
+    from megatron_sfm.data_tools import tokenize_corpus
+
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts])
+    prefix = tmp_path / "ds"
+    # an older complete pair exists under the same prefix
+    tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, prefix, progress=False)
+    real = tokenize_corpus.encode_chunk
+    calls = {"n": 0}
+
+    def dying(chunk):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(chunk)
+
+    monkeypatch.setattr(tokenize_corpus, "encode_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, prefix, chunk_bytes=4 << 10, progress=False)
+    assert calls["n"] == 3
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ds"))
+    assert leftovers == []
+    # the old pair is untouched (a run that did not finish never replaced it)
+    from megatron_sfm.data_tools.indexed import read_index
+
+    assert read_index(prefix).num_documents == len(corpus_texts)
+
+
+def test_sentencepiece_byte_identical_to_megatron(tmp_path, corpus_texts, sp_dir):
+    write_jsonl(tmp_path / "s.jsonl", [{"text": t} for t in corpus_texts[:300]])
+    _reference_preprocess_data(tmp_path / "s.jsonl", sp_dir / "tokenizer.model", tmp_path / "ref", library="sentencepiece")
+    tokenize_to_indexed([tmp_path / "s.jsonl"], sp_dir, tmp_path / "ours", workers=2, progress=False)
+    assert _same_files(str(tmp_path / "ours"), str(tmp_path / "ref"))
+
+
+def test_sentencepiece_model(tmp_path, corpus_texts, sp_dir):
+    from megatron_sfm.data_tools.indexed import read_index
+    from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+    texts = [t for t in corpus_texts[:200] if t]
+    write_jsonl(tmp_path / "s.jsonl", [{"text": t} for t in texts])
+    summary = tokenize_to_indexed([tmp_path / "s.jsonl"], sp_dir / "tokenizer.model", tmp_path / "sp", workers=2, progress=False)
+    tok = load_tokenizer(sp_dir)
+    assert summary["eod_id"] == tok.eod_id == 2
+    data = read_index(tmp_path / "sp")
+    for i in (0, 5, 50):
+        ids = data.document(i).tolist()
+        assert ids[-1] == 2 and ids[:-1] == tok.encode(texts[i])
+
+
+def test_int32_dtype_for_large_vocabularies(tmp_path, corpus_texts):
+    from megatron_sfm.data_tools.indexed import optimal_dtype, read_index
+    from megatron_sfm.data_tools.tokenizer import train_bpe_tokenizer
+
+    assert optimal_dtype(65499) == np.uint16 and optimal_dtype(65500) == np.int32
+    # a tokenizer whose added tokens push the vocabulary past 65500 ids
+    from tokenizers import Tokenizer
+
+    d = train_bpe_tokenizer(corpus_texts[:200], 300, tmp_path / "tok")
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.add_special_tokens([f"<extra_{i}>" for i in range(65500)])
+    tk.save(str(d / "tokenizer.json"))
+    write_jsonl(tmp_path / "s.jsonl", [{"text": "hello <extra_65000> world"}])
+    s = tokenize_to_indexed([tmp_path / "s.jsonl"], d, tmp_path / "big", progress=False)
+    assert s["dtype"] == "int32"
+    ids = read_index(tmp_path / "big").document(0).tolist()
+    assert tk.token_to_id("<extra_65000>") in ids and ids[-1] == 0
+
+
+def test_inspect(tmp_path, corpus_jsonl, corpus_texts, bpe_dir):
+    from megatron_sfm.data_tools.inspect_dataset import inspect_indexed
+
+    tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "ds", progress=False)
+    info = inspect_indexed(tmp_path / "ds", bpe_dir)
+    assert info["documents"] == len(corpus_texts)
+    assert info["empty_documents"] == 1
+    assert info["sequences"] == len(corpus_texts) - 1
+    assert info["first_document"] == corpus_texts[0][:500] + (" ..." if len(corpus_texts[0]) > 500 else "")
+    assert info["ends_with_eod"] is True
+    assert info["max_token_id"] < info["tokenizer_vocab_size"]

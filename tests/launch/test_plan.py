@@ -1,0 +1,99 @@
+"""Plans (stages as dependent jobs) and the frozen command line of ``sfm launch slurm``; no cluster."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from megatron_sfm.cli import main as sfm_main
+from megatron_sfm.errors import SfmError
+from megatron_sfm.launch.cli import build_slurm_parser
+from megatron_sfm.launch.plan import load_plan, prepare_launch
+
+STAGE = {"model": "tiny", "training": {"micro_batch_size": 1, "global_batch_size": 4, "train_iters": 3},
+         "data": {"mock": True}, "checkpoint": {"save": "ckpt"}}
+
+
+def _write_plan(tmp_path, stages, name="exp"):
+    (tmp_path / "cfg").mkdir(exist_ok=True)
+    (tmp_path / "cfg" / "stage.yaml").write_text(yaml.safe_dump(STAGE))
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "stages": stages}, sort_keys=False))
+    return path
+
+
+def test_plan_dry_run_prints_each_stage_with_its_dependency(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = _write_plan(tmp_path, [
+        {"name": "pretrain", "config": "cfg/stage.yaml", "overrides": ["checkpoint.save=pre"]},
+        {"name": "midtrain", "config": "cfg/stage.yaml", "overrides": ["checkpoint.save=mid",
+                                                                         "training.global_batch_size=8"],
+         "slurm": {"nodes": 4, "time": "12:00:00", "env": {"NCCL_DEBUG": "INFO"}}},
+    ])
+    rc = sfm_main(["launch", "slurm", str(plan), "--nodes", "2", "--gpus-per-node", "2", "--time", "48:00:00",
+                   "--env", "A=1", "--dry-run", "training.train_iters=9"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    commands = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("# sbatch ")]
+    assert len(commands) == 2
+    first, second = commands
+    assert "--nodes=2" in first and "--time=48:00:00" in first and "--job-name=exp-pretrain" in first
+    assert not any(a.startswith("--dependency") for a in first)
+    assert "--nodes=4" in second and "--time=12:00:00" in second and "--job-name=exp-midtrain" in second
+    assert "--dependency=afterok:<job id of stage pretrain>" in second and "--kill-on-invalid-dep=yes" in second
+    assert "export NCCL_DEBUG=INFO" in out and out.count("export A=1") == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_stage_overrides_come_before_command_line_overrides(tmp_path):
+    plan = _write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml",
+                                   "overrides": ["training.train_iters=5", "optimizer.lr=0.002"]}])
+    (job,) = prepare_launch(plan, ["training.train_iters=7"], dict(nodes=1, gpus_per_node=0, time="00:10:00", env={}),
+                            log_dir=tmp_path / "runs")
+    resolved = yaml.safe_load(job.config_text)
+    assert resolved["training"]["train_iters"] == 7 and resolved["optimizer"]["lr"] == 0.002
+    assert job.job_dir.parent.name.startswith("exp-") and job.job_dir.name == "1-a"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([], "non-empty list"),
+    ([{"name": "a"}], r"stages\[0\].config"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"gpus": 8}}], r"stages\[0\].slurm: unknown key"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"time": 14400}}], "quote it"),
+    ([{"name": "a", "config": "cfg/stage.yaml"}, {"name": "a", "config": "cfg/stage.yaml"}], "appears twice"),
+    ([{"name": "a", "config": "cfg/missing.yaml"}], "missing.yaml not found"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "overrides": ["nokey"]}], "KEY=VALUE"),
+])
+def test_plan_errors_name_the_stage_and_key(tmp_path, stages, message):
+    plan = _write_plan(tmp_path, stages)
+    with pytest.raises(SfmError, match=message):
+        prepare_launch(plan, [], dict(nodes=1, gpus_per_node=0, time="00:10:00", env={}), log_dir=tmp_path / "r")
+
+
+def test_plan_config_errors_name_the_stage(tmp_path):
+    plan = _write_plan(tmp_path, [{"name": "mid", "config": "cfg/stage.yaml", "slurm": {"nodes": 8}}])
+    with pytest.raises(SfmError, match=r"plan.yaml: stages\[0\] \(mid\): .*global_batch_size"):
+        prepare_launch(plan, [], dict(gpus_per_node=0, time="00:10:00", env={}), log_dir=tmp_path / "r")
+
+
+def test_plan_needs_resources_from_flags_or_stage(tmp_path):
+    plan = _write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml", "slurm": {"nodes": 1}}])
+    with pytest.raises(SfmError, match=r"--gpus-per-node: required \(or slurm.gpus_per_node in .*stages\[0\]\)"):
+        prepare_launch(plan, [], dict(time="00:10:00", env={}), log_dir=tmp_path / "r")
+
+
+def test_load_plan_resolves_configs_next_to_the_plan(tmp_path):
+    plan = load_plan(_write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml"}], name="p"))
+    assert plan.name == "p" and plan.stages[0].config == tmp_path / "cfg" / "stage.yaml"
+
+
+def test_command_line_options_are_frozen():
+    """New flags are a design decision: add them here and to docs/launch.md together."""
+    flags = sorted(opt for action in build_slurm_parser()._actions for opt in action.option_strings)
+    assert flags == sorted([
+        "-h", "--help", "--nodes", "--gpus-per-node", "--time", "--partition", "--account", "--job-name",
+        "--nproc-per-node", "--cpus-per-task", "--exclusive", "--no-exclusive", "--container",
+        "--container-mounts", "--max-requeues", "--signal-grace", "--env", "--python", "--rdzv-port",
+        "--log-dir", "--dry-run"])

@@ -1,0 +1,172 @@
+"""Exact resume after kill -9, SIGTERM -> requeue, crash mid-save, resharding, broken shards."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import check, kill_session, run_train, scalars, write_config
+from megatron_sfm.config import load_config
+from megatron_sfm.errors import SfmError
+from megatron_sfm.training.checkpoint import latest_checkpoint, verify_checkpoint
+
+
+def _records(folder: Path) -> dict[int, list]:
+    """iteration -> [(global index, content hash)] over all ranks' sample logs."""
+    out: dict[int, list] = {}
+    for path in sorted(folder.glob("samples.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["iter"], []).extend(zip(r["idx"], r["hash"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_kill9_then_resume_is_exact(tmp_path, corpus, reference_run):
+    kill_at = random.Random(os.urandom(8)).randint(6, 9)  # a checkpoint every 3 iterations
+    cfg = write_config(tmp_path / "cfg.yaml", corpus)
+    save = tmp_path / "ckpt"
+    killed = run_train(cfg, [f"checkpoint.save={save}", "checkpoint.save_interval=3", "training.eval_interval=5",
+                             f"logging.tensorboard_dir={tmp_path / 'tb1'}"],
+                       env={"SFM_FAULTS": f"kill@{kill_at}", "SFM_SAMPLE_LOG": str(tmp_path / "s1")})
+    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-3000:])
+    last = (kill_at // 3) * 3
+    assert latest_checkpoint(save).name == f"iter_{last:07d}"
+    check(run_train(cfg, [f"checkpoint.save={save}", "checkpoint.save_interval=3", "training.eval_interval=5",
+                          f"logging.tensorboard_dir={tmp_path / 'tb2'}"],
+                    env={"SFM_SAMPLE_LOG": str(tmp_path / "s2")}))
+    ref = scalars(reference_run / "ckpt" / "tensorboard", "train/loss")
+    resumed = scalars(tmp_path / "tb2", "train/loss")
+    assert sorted(resumed) == list(range(last + 1, 11)), kill_at
+    for step in resumed:  # exactly equal, not just close
+        assert resumed[step] == ref[step], (kill_at, step, resumed[step], ref[step])
+    assert scalars(tmp_path / "tb2", "valid/loss")[10] == scalars(reference_run / "ckpt" / "tensorboard", "valid/loss")[10]
+    # consumed samples: killed run's iterations up to the checkpoint + resumed run = the reference
+    before, after, full = _records(tmp_path / "s1"), _records(tmp_path / "s2"), _records(reference_run / "samples")
+    effective = {k: v for k, v in before.items() if k <= last}
+    assert not set(effective) & set(after)
+    effective.update(after)
+    assert effective == full
+    indices = sorted(i for v in effective.values() for i, _ in v)
+    assert indices == list(range(10 * 8)), "gap or repeat in consumed sample indices"
+
+
+def test_sigterm_saves_and_exits_with_requeue_code(tmp_path, corpus):
+    from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
+
+    cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 100000})
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    errfile = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_sfm.cli", "train", str(cfg), f"checkpoint.save={save}"],
+                            stdout=subprocess.PIPE, stderr=errfile, text=True, env=env, start_new_session=True)
+    out = ""
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter 3/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=180)
+        kill_session(proc.pid)  # leftover multiprocessing helpers would keep stdout open
+        out = proc.stdout.read()
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+        errfile.seek(0)
+        err = errfile.read()
+        errfile.close()
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert "requeue" in out
+    folder = latest_checkpoint(save)
+    state = verify_checkpoint(folder)
+    assert state["reason"] == "signal" and state["iteration"] >= 3
+    assert state["consumed_train_samples"] == 8 * state["iteration"]
+
+
+def test_crash_in_the_middle_of_a_save_keeps_previous_latest(tmp_path, corpus, reference_run):
+    cfg = write_config(tmp_path / "cfg.yaml", corpus)
+    save = tmp_path / "ckpt"
+    crashed = run_train(cfg, [f"checkpoint.save={save}", "checkpoint.save_interval=2"],
+                        env={"SFM_FAULTS": "crash_in_save@4"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert (save / ".iter_0000004.tmp").is_dir()  # shards written, never finalised
+    assert not (save / "iter_0000004").exists()
+    assert latest_checkpoint(save).name == "iter_0000002"
+    verify_checkpoint(save / "iter_0000002")
+    check(run_train(cfg, [f"checkpoint.save={save}", "checkpoint.save_interval=2",
+                          f"logging.tensorboard_dir={tmp_path / 'tb'}"]))
+    ref = scalars(reference_run / "ckpt" / "tensorboard", "train/loss")
+    got = scalars(tmp_path / "tb", "train/loss")
+    assert min(got) == 3 and all(got[s] == ref[s] for s in got)
+    assert not (save / ".iter_0000004.tmp").exists()  # cleaned by the next save
+
+
+@pytest.mark.parametrize("saved_layout", [["parallel.tensor_model_parallel_size=2"],
+                                          ["parallel.pipeline_model_parallel_size=2"]])
+def test_save_sharded_resume_single_process(tmp_path, corpus, reference_run, saved_layout):
+    cfg = write_config(tmp_path / "cfg.yaml", corpus)
+    save = tmp_path / "ckpt"
+    check(run_train(cfg, saved_layout + [f"checkpoint.save={save}", "training.exit_interval=5",
+                                         f"logging.tensorboard_dir={tmp_path / 'tb1'}"], nproc=2))
+    saved = verify_checkpoint(latest_checkpoint(save))
+    assert saved["iteration"] == 5 and saved["parallel"]["world_size"] == 2
+    check(run_train(cfg, [f"checkpoint.save={save}", "training.exit_interval=6",
+                          f"logging.tensorboard_dir={tmp_path / 'tb2'}"]))
+    ref = scalars(reference_run / "ckpt" / "tensorboard", "train/loss")
+    got = scalars(tmp_path / "tb2", "train/loss")
+    assert list(got) == [6]
+    assert abs(got[6] - ref[6]) < 1e-5, (got[6], ref[6])
+
+
+def test_resolved_config_lands_beside_checkpoints(reference_run):
+    ckpt = reference_run / "ckpt"
+    expected = load_config(reference_run / "cfg.yaml", [f"checkpoint.save={ckpt}", "checkpoint.save_interval=5",
+                                                        "training.eval_interval=5"])
+    for path in (ckpt / "config.yaml", ckpt / "iter_0000005" / "config.yaml", ckpt / "iter_0000010" / "config.yaml"):
+        assert load_config(path) == expected
+    state = json.loads((ckpt / "iter_0000010" / "train_state.json").read_text())
+    assert state["iteration"] == 10 and state["consumed_train_samples"] == 80
+    assert (ckpt / "latest").read_text().strip() == "10"
+
+
+def _copy_ckpt(reference_run, tmp_path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(reference_run / "ckpt", dst, ignore=shutil.ignore_patterns("tensorboard"))
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_broken_shard_is_a_clear_error(tmp_path, corpus, reference_run, damage):
+    save = _copy_ckpt(reference_run, tmp_path)
+    shard = sorted((save / "iter_0000010").glob("*.distcp"))[0]
+    if damage == "missing":
+        shard.unlink()
+    else:
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SfmError, match=f"{shard.name} is {damage}"):
+        verify_checkpoint(save / "iter_0000010")
+    cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 12})
+    proc = run_train(cfg, [f"checkpoint.save={save}"])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and shard.name in last and "Traceback" not in proc.stderr
+
+
+def test_tampered_shard_without_size_change_is_a_clear_error(tmp_path, corpus, reference_run):
+    """Even when the manifest sizes match, a torch-level load failure becomes one SfmError line."""
+    save = _copy_ckpt(reference_run, tmp_path)
+    meta = save / "iter_0000010" / ".metadata"
+    meta.write_bytes(b"\0" * meta.stat().st_size)
+    cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 12})
+    proc = run_train(cfg, [f"checkpoint.save={save}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot load checkpoint" in last and "Traceback" not in proc.stderr
