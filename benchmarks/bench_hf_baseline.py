@@ -20,13 +20,12 @@ forward (to the loss) / backward / optimizer (clip, step, zero_grad) with CUDA e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -77,8 +76,8 @@ def measure(cfg, mode: str, steps: int, warmup: int, device: torch.device) -> di
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(t.seed)
     model = build_model(m, mode, device)
-    kwargs = dict(lr=1e-4, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2), eps=cfg.optimizer.adam_eps,
-                  weight_decay=cfg.optimizer.weight_decay)
+    kwargs = {"lr": 1e-4, "betas": (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
+              "eps": cfg.optimizer.adam_eps, "weight_decay": cfg.optimizer.weight_decay}
     if cuda:
         kwargs["fused"] = True
     optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
     import transformers
 
     report = {
-        "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "flop_formula": FLOP_FORMULA_NAME, "steps": args.steps,
         "warmup": args.warmup, "overrides": args.overrides,
         "device": {"type": device.type, "name": gpu_name() or platform.machine()},

@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sfm_bench_tokenize")
     ap.add_argument("--megatron-lm", default=None)
     ap.add_argument("--legacy-mb", type=float, default=20)
+    ap.add_argument("--peer-first", action="store_true", help="run the peer path before ours (to check order effects)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -112,13 +113,19 @@ def main() -> None:
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "load_average_before": os.getloadavg()[0], "corpus_mb": round(size / 1e6, 1), "workers": args.workers}
 
-    ours = str(work / "ours")
-    t = timed([sys.executable, "-m", "megatron_sfm.cli", "data", "tokenize", str(corpus), "--tokenizer", str(tok_dir),
-               "--out", ours, "--workers", str(args.workers), "--no-progress"], env=env, name="ours")
-    res["ours_s"], res["ours_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
-    peer = str(work / "peer")
-    t = timed([sys.executable, "-c", PEER, str(corpus), str(tok_dir / "tokenizer.json"), peer], env=env, name="peer")
-    res["peer_gigatoken_s"], res["peer_gigatoken_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
+    ours, peer = str(work / "ours"), str(work / "peer")
+
+    def run_ours():
+        t = timed([sys.executable, "-m", "megatron_sfm.cli", "data", "tokenize", str(corpus), "--tokenizer", str(tok_dir),
+                   "--out", ours, "--workers", str(args.workers), "--no-progress"], env=env, name="ours")
+        res["ours_s"], res["ours_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
+
+    def run_peer():
+        t = timed([sys.executable, "-c", PEER, str(corpus), str(tok_dir / "tokenizer.json"), peer], env=env, name="peer")
+        res["peer_gigatoken_s"], res["peer_gigatoken_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
+
+    for step in ((run_peer, run_ours) if args.peer_first else (run_ours, run_peer)):
+        step()
     res["ours_identical_to_peer"] = same(ours, peer)
     small = corpus
     if args.megatron_lm:

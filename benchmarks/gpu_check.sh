@@ -115,7 +115,7 @@ run_stage() {
   local dt=$((SECONDS - t0)) status=ok note=""
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=timeout; note="killed after ${limit}s";
   elif [ "$rc" -ne 0 ]; then status=failed; note="exit $rc"; fi
-  note="${note:+$note; }$(tail -n 1 "$WORK/$name.log" | tr '\t' ' ' | cut -c1-200)"
+  note="${note:+$note; }$(grep -v '^[][{}(), "]*$' "$WORK/$name.log" | grep -v '^ENV_JSON' | tail -n 1 | tr '\t' ' ' | cut -c1-200)"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$dt" "$note" >> "$STAGES"
   say "stage $name: $status (rc $rc, ${dt}s)"
   return 0

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 BENCH_FILES = {"bench_1p4b": "bench_1p4b.json", "bench_6p9b": "bench_6p9b.json"}
@@ -83,8 +83,8 @@ def shape_table(bench: dict | None, hf_rows: list[dict]) -> list[str]:
     """Markdown rows: sfm bench rows, then the HF rows, ratios against HF amp."""
     reference = next((r for r in hf_rows if r.get("mode") == "amp" and r.get("status") == "ok"), None)
     ref_tps = reference["tokens_per_s_per_gpu"] if reference else None
-    out = ["| implementation | params / main params | tokens/s/GPU | vs HF amp | TFLOP/s/GPU | MFU (table) "
-           "| MFU (measured peak) | peak GiB | fwd / bwd / opt ms |",
+    out = [("| implementation | params / main params | tokens/s/GPU | vs HF amp | TFLOP/s/GPU | MFU (table) "
+            "| MFU (measured peak) | peak GiB | fwd / bwd / opt ms |"),
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def add(name, prec, row, mfu_measured):
@@ -106,6 +106,29 @@ def shape_table(bench: dict | None, hf_rows: list[dict]) -> list[str]:
     for row in hf_rows:
         prec = "fp32 / fp32, bf16 autocast" if row.get("mode") == "amp" else "bf16 / bf16"
         add(f"HF GPTNeoX sdpa, {row.get('mode')}", prec, row, None)
+    return out
+
+
+def kernel_lines(report: dict | None) -> list[str]:
+    """A short table of benchmarks/bench_kernels.py's timings (its fields read defensively)."""
+    if not isinstance(report, dict):
+        return []
+    out = ["", "## Kernels (benchmarks/bench_kernels.py)",
+           (f"correctness ok: {report.get('correctness_ok')}; targets met: {report.get('targets_met')}; "
+            f"errors: {len(report.get('errors') or [])}"), "",
+           "| kernel | shape | dtype | fused ms | reference ms | speedup |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for kind in ("attention", "cross_entropy"):
+        for case in report.get(kind) or []:
+            if not isinstance(case, dict):
+                continue
+            fused = case.get("fused") or {}
+            ref_name = next((k for k in case if isinstance(case[k], dict) and k not in ("fused", "shape")), None)
+            ref = case.get(ref_name) or {}
+            key = "fwd_bwd_ms"
+            speed = case.get("speedup_fwd_bwd", case.get("speedup"))
+            shape = " ".join(f"{k}{v}" for k, v in (case.get("shape") or {}).items())
+            out.append(f"| {kind} fwd+bwd vs {ref_name} | {shape} | {case.get('dtype')} | {_f(fused.get(key), '.3f')} | "
+                       f"{_f(ref.get(key), '.3f')} | {_f(speed, '.2f')} |")
     return out
 
 
@@ -136,7 +159,7 @@ def main(argv=None) -> int:
     kernel_tests = pytest_counts(log_text(work, "kernel_tests"))
     result = {
         "schema": "sfm-gpu-check/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": args.mode,
         "stages": stages,
         "env": env,
@@ -158,6 +181,7 @@ def main(argv=None) -> int:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s['note'].replace('|', '/')[:120]} |")
     if kernel_tests.get("summary"):
         lines += ["", f"Kernel tests: {kernel_tests['summary']}"]
+    lines += kernel_lines(kernels_json)
     for stage, report in benches.items():
         config_hint = report.get("config") if report else BENCH_FILES[stage]
         title = _shape_name(config_hint or stage)

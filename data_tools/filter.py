@@ -163,7 +163,10 @@ class DiscourseFilter:
 
     def classify(self, text: str) -> Decision | None:
         """The flagging decision for one document's text, or None when it is kept."""
-        norm = normalize(text)
+        return self.classify_normalized(normalize(text))
+
+    def classify_normalized(self, norm: str) -> Decision | None:
+        """:meth:`classify` for text already passed through :func:`normalize`."""
         hits: dict[str, list[tuple[int, str]]] = {}
         for end, (length, term, cats) in self._automaton.iter(norm):
             start = end - length + 2  # first character of the term's first word
@@ -266,11 +269,11 @@ def filter_shard(task: tuple[str, str, str, str | None, int | None, str]) -> Sha
         flagged_w = docs.ShardWriter(flagged_tmp, fmt, flagged_schema)
         try:
             for record in docs.iter_records(path):
-                text = docs.text_of(record, text_key)
-                size = len(text.encode("utf-8", "surrogatepass"))
+                norm = normalize(docs.text_of(record, text_key))
+                size = len(norm) - 2  # UTF-8 bytes of the text (normalize pads one space each side)
                 result.documents += 1
                 result.bytes += size
-                decision = flt.classify(text)
+                decision = flt.classify_normalized(norm)
                 if decision is None:
                     kept_w.write(record)
                     continue

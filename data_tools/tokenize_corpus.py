@@ -40,23 +40,34 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 @dataclass
 class Chunk:
-    """Consecutive documents of one shard: raw JSONL lines, or Parquet texts."""
+    """Consecutive documents of one shard.
+
+    Plain JSONL: a byte range (``offset``, ``nbytes``) that the worker reads itself.
+    Compressed JSONL: the decompressed lines in ``data``. Parquet: the texts in ``data``,
+    ``first_row`` the 1-based row of the first one.
+    """
 
     source: str
-    first_line: int  # 1-based line (or row) number of the first line in ``data``
-    data: bytes | list[str]
     nbytes: int
+    offset: int = 0
+    data: bytes | list[str] | None = None
+    first_row: int = 1
 
 
 @dataclass
 class Encoded:
-    """A chunk's tokens: flat ids (EOD included) and per-document token counts."""
+    """A chunk's tokens: flat ids (EOD included) and per-document token counts.
+
+    Line numbers are relative to the chunk (0-based); the parent, which sees chunks in
+    order, turns them into file line numbers with ``newlines`` of the earlier chunks.
+    """
 
     tokens: np.ndarray
     lengths: np.ndarray  # per document, EOD included; 0 for a document with no tokens
-    text_bytes: int
     input_bytes: int
-    bad_lines: list[tuple[str, int]] = field(default_factory=list)
+    newlines: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+    error: tuple[int, str] | None = None  # (line in chunk, message) of the first bad line
 
 
 def iter_chunks(shards: list[Path], text_key: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
@@ -65,7 +76,8 @@ def iter_chunks(shards: list[Path], text_key: str, chunk_bytes: int = DEFAULT_CH
 
     for shard in shards:
         source = str(shard)
-        if docs.shard_format(shard) == "parquet":
+        fmt = docs.shard_format(shard)
+        if fmt == "parquet":
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(shard)
@@ -77,19 +89,28 @@ def iter_chunks(shards: list[Path], text_key: str, chunk_bytes: int = DEFAULT_CH
                 for i, t in enumerate(texts):
                     if not isinstance(t, str):
                         raise SfmError(f"{shard}:{row + i}: key {text_key!r} is {type(t).__name__}, not a string")
-                yield Chunk(source, row, texts, sum(len(t) for t in texts))
+                yield Chunk(source, sum(len(t) for t in texts), data=texts, first_row=row)
                 row += len(texts)
-            continue
-        line = 1
-        with docs.open_binary(shard, "rb") as f:
-            while True:
-                block = f.read(chunk_bytes)
-                if not block:
-                    break
-                if not block.endswith(b"\n"):
-                    block += _readline(f)
-                yield Chunk(source, line, block, len(block))
-                line += block.count(b"\n")
+        elif fmt == "jsonl":
+            # only find line-aligned boundaries here; workers read their own ranges
+            size = shard.stat().st_size
+            with open(shard, "rb") as f:
+                pos = 0
+                while pos < size:
+                    f.seek(min(size, pos + chunk_bytes))
+                    f.readline()
+                    end = min(size, f.tell())
+                    yield Chunk(source, end - pos, offset=pos)
+                    pos = end
+        else:
+            with docs.open_binary(shard, "rb") as f:
+                while True:
+                    block = f.read(chunk_bytes)
+                    if not block:
+                        break
+                    if not block.endswith(b"\n"):
+                        block += _readline(f)
+                    yield Chunk(source, len(block), data=block)
 
 
 def _readline(f) -> bytes:
@@ -110,54 +131,77 @@ def _readline(f) -> bytes:
     return bytes(out)
 
 
-# Worker-process state (set by _init_worker).
+# Worker-process state, set in the parent before the pool forks (see _set_worker_state).
 _TOK = None
 _CFG: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str, backend: str, eod_token: str | None, cfg: dict[str, Any]) -> None:
+def _set_worker_state(tokenizer, cfg: dict[str, Any]) -> None:
+    """Set before the pool forks, so workers inherit the loaded tokenizer (no reload per worker)."""
     global _TOK, _CFG
-    from megatron_sfm.data_tools.tokenizer import load_tokenizer
-
-    _TOK = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
-    _CFG = cfg
+    _TOK, _CFG = tokenizer, cfg
 
 
 def encode_chunk(chunk: Chunk) -> Encoded:
-    """Parse and encode one chunk (in a worker); bad JSON raises SfmError naming file:line."""
+    """Parse and encode one chunk (in a worker). Bad lines are reported, not raised, so
+    that the parent can name the file line."""
     text_key, skip_bad, append_eod, dtype = _CFG["text_key"], _CFG["skip_bad_lines"], _CFG["append_eod"], _CFG["dtype"]
-    bad: list[tuple[str, int]] = []
+    bad: list[int] = []
+    newlines = 0
     if isinstance(chunk.data, list):
         texts = chunk.data
     else:
+        raw = chunk.data
+        if raw is None:
+            with open(chunk.source, "rb") as f:
+                f.seek(chunk.offset)
+                raw = f.read(chunk.nbytes)
+        newlines = raw.count(b"\n")
         texts = []
-        for i, line in enumerate(chunk.data.split(b"\n")):
+        for i, line in enumerate(raw.split(b"\n")):
             if not line.strip():
                 continue
-            number = chunk.first_line + i
             try:
                 doc = json.loads(line)
-                text = doc[text_key]
-                if not isinstance(text, str):
-                    raise TypeError(f"key {text_key!r} is {type(text).__name__}, not a string")
-            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                if skip_bad:
-                    bad.append((chunk.source, number))
+            except ValueError as exc:  # UnicodeDecodeError included
+                what = f"invalid JSON ({exc})"
+            else:
+                if not isinstance(doc, dict):
+                    what = f"expected a JSON object, got {type(doc).__name__}"
+                elif text_key not in doc:
+                    what = f"no key {text_key!r}"
+                elif not isinstance(doc[text_key], str):
+                    what = f"key {text_key!r} is {type(doc[text_key]).__name__}, not a string"
+                else:
+                    texts.append(doc[text_key])
                     continue
-                what = f"no key {text_key!r}" if isinstance(exc, KeyError) else str(exc)
-                if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError):
-                    what = f"invalid JSON ({exc})"
-                raise SfmError(f"{chunk.source}:{number}: {what}") from None
-            texts.append(text)
+            if skip_bad:
+                bad.append(i)
+                continue
+            return Encoded(np.zeros(0, dtype), np.zeros(0, np.int64), chunk.nbytes, newlines, bad, (i, what))
     flat, lengths = _TOK.encode_batch(texts, parallel=False)
-    text_bytes = sum(len(t) for t in texts) if isinstance(chunk.data, list) else chunk.nbytes
     if append_eod and len(lengths):
         nonempty = lengths > 0
         # insert the EOD after each non-empty document
         ends = np.cumsum(lengths)[nonempty]
         flat = np.insert(flat.astype(dtype, copy=False), ends, _TOK.eod_id)
         lengths = lengths + nonempty
-    return Encoded(flat.astype(dtype, copy=False), lengths, text_bytes, chunk.nbytes, bad)
+    return Encoded(flat.astype(dtype, copy=False), lengths, chunk.nbytes, newlines, bad)
+
+
+def add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Append documents to a Megatron ``IndexedDatasetBuilder`` in one write.
+
+    Same result as one ``builder.add_document(doc_tokens, [len] or [])`` per document
+    (what preprocess_data.py does; a document with no tokens gets no sequence), done as
+    Megatron-LM main's ``IndexedDatasetBuilder.add_documents`` does it (not in 0.16.1):
+    one write of the flat tokens, then the sequence lengths and document indices.
+    """
+    builder.data_file.write(np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes(order="C"))
+    nonempty = lengths > 0
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths[nonempty].tolist())
+    builder.document_indices.extend((offset + np.cumsum(nonempty)).tolist())
 
 
 def tokenize_to_indexed(
@@ -191,7 +235,7 @@ def tokenize_to_indexed(
     tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
     dtype = optimal_dtype(tok.vocab_size)
     cfg = {"text_key": text_key, "skip_bad_lines": skip_bad_lines, "append_eod": append_eod, "dtype": dtype}
-    init_args = (str(tokenizer_path), backend, eod_token, cfg)
+    _set_worker_state(tok, cfg)
     out_prefix = str(out_prefix)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(s.stat().st_size for s in shards)
@@ -199,11 +243,10 @@ def tokenize_to_indexed(
     pool = None
     if workers > 1:
         # Fork before Megatron-Core (and torch) is imported, so workers stay light.
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
-        results = pool.imap(encode_chunk, iter_chunks(shards, text_key, chunk_bytes), chunksize=1)
+        pool = mp.get_context("fork").Pool(workers)
+        results = pool.imap(_encode_with_source, iter_chunks(shards, text_key, chunk_bytes), chunksize=1)
     else:
-        _init_worker(*init_args)
-        results = (encode_chunk(c) for c in iter_chunks(shards, text_key, chunk_bytes))
+        results = (_encode_with_source(c) for c in iter_chunks(shards, text_key, chunk_bytes))
 
     megatron: dict[str, Any] = {}
     importer = threading.Thread(target=_import_indexed_dataset, args=(megatron,), daemon=True)
@@ -222,23 +265,22 @@ def tokenize_to_indexed(
             indexed_dataset = megatron["module"]
             assert indexed_dataset.DType.optimal_dtype(tok.vocab_size) == dtype
             builder = indexed_dataset.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-            empty = np.zeros(0, dtype)
             chain = [first] if first is not None else []
-            for enc in _chain(chain, results):
-                offset = 0
-                for n in enc.lengths.tolist():
-                    if n:
-                        builder.add_document(enc.tokens[offset : offset + n], [n])
-                        offset += n
-                    else:
-                        builder.add_document(empty, [])
-                        summary["empty_documents"] += 1
+            lines_done: dict[str, int] = {}
+            for chunk_source, enc in _chain(chain, results):
+                base = lines_done.get(chunk_source, 0)
+                if enc.error is not None:
+                    line, what = enc.error
+                    raise SfmError(f"{chunk_source}:{base + line + 1}: {what}")
+                add_documents(builder, enc.tokens, enc.lengths)
                 ndocs = len(enc.lengths)
+                summary["empty_documents"] += int((enc.lengths == 0).sum())
                 summary["documents"] += ndocs
                 summary["tokens"] += int(enc.lengths.sum())
                 summary["bad_lines"] += len(enc.bad_lines)
                 summary["input_bytes"] += enc.input_bytes
-                bad_examples += [f"{s}:{n}" for s, n in enc.bad_lines[: max(0, 5 - len(bad_examples))]]
+                bad_examples += [f"{chunk_source}:{base + i + 1}" for i in enc.bad_lines[: max(0, 5 - len(bad_examples))]]
+                lines_done[chunk_source] = base + enc.newlines
                 bar.advance(enc.input_bytes, ndocs)
             builder.finalize(tmp_idx)
         # Put the new pair in place: drop any old index first, then .bin, then .idx last.
@@ -269,6 +311,10 @@ def tokenize_to_indexed(
         }
     )
     return summary
+
+
+def _encode_with_source(chunk: Chunk) -> tuple[str, Encoded]:
+    return chunk.source, encode_chunk(chunk)
 
 
 def _chain(first: list, rest):

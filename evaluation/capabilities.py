@@ -21,9 +21,10 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 
@@ -137,14 +138,18 @@ def evaluate_hf_folder(
     }
 
 
-def run_capabilities(model_arg: str, tasks: Sequence[str], **kwargs: Any) -> tuple[str, dict[str, Any]]:
-    """Evaluate ``PATH`` or ``LABEL=PATH`` (HF folder or Megatron checkpoint): (label, section)."""
+def run_capabilities(model_arg: str, tasks: Sequence[str], tokenizer_path: str | None = None,
+                     **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """Evaluate ``PATH`` or ``LABEL=PATH`` (HF folder or Megatron checkpoint): (label, section).
+
+    ``tokenizer_path``: tokenizer folder handed to the on-the-fly export of a checkpoint.
+    """
     from megatron_sfm.evaluation.models import hf_folder_for, parse_model_specs
 
     if not tasks:
         raise SfmError("--tasks: no task named")
     (spec,) = parse_model_specs([model_arg])
-    with hf_folder_for(spec.path) as folder:
+    with hf_folder_for(spec.path, tokenizer_path) as folder:
         section = evaluate_hf_folder(folder, tasks, **kwargs)
     section["path"] = str(spec.path)
     return spec.label, section

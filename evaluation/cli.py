@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="preamble (default: ai for logprob, hhh for generate)")
     p.add_argument("--order", choices=list(ORDER_CHOICES), default="balanced",
                    help="answer orders: balanced (8 formats) or one order only (4 formats)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder for models saved without one")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder for a model saved without one (also saved with an on-the-fly export)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode: tokens per reply")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (merged into results.json / results.md)")
     c.add_argument("--limit", type=float, default=None, help="examples per task (testing only)")
     c.add_argument("--num-fewshot", type=int, default=None)
+    c.add_argument("--tokenizer", default=None, help="tokenizer folder saved with an on-the-fly export")
     c.add_argument("--include-path", action="append", default=[], help="extra folder of lm-eval task YAMLs")
     _add_common(c)
 
@@ -91,7 +93,7 @@ def _capabilities(args) -> int:
     read_results(args.out)
     label, section = run_capabilities(
         args.model, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-        device=args.device, dtype=args.dtype, include_paths=args.include_path,
+        device=args.device, dtype=args.dtype, include_paths=args.include_path, tokenizer_path=args.tokenizer,
     )
     report = merge_section(args.out, "capabilities", {label: section})
     written = write_report(args.out, report)
@@ -102,10 +104,9 @@ def _capabilities(args) -> int:
 def _questions(args) -> int:
     from collections import Counter
 
+    from megatron_sfm.evaluation.questions import load_question_file, splits_of
     from rich.console import Console
     from rich.table import Table
-
-    from megatron_sfm.evaluation.questions import load_question_file, splits_of
 
     questions, meta = load_question_file(args.questions, args.columns)
     counts = Counter((q.split, q.topic) for q in questions)

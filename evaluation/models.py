@@ -7,7 +7,8 @@ A model argument is ``PATH`` or ``LABEL=PATH``. ``PATH`` is either
 - one of our Megatron checkpoint folders (a ``latest`` or
   ``latest_checkpointed_iteration.txt`` file next to ``iter_*`` folders), converted on
   the fly into a temporary Hugging Face folder by ``megatron_sfm.conversion``
-  (``sfm convert to-hf CKPT --out DIR``) and deleted after the evaluation.
+  (``export_to_hf``, as ``sfm convert to-hf CKPT --out DIR``) and deleted after the
+  evaluation. One ``iter_*`` folder (with ``.metadata``) works too.
 
 Precision: bf16 on a GPU, fp32 on CPU (``dtype`` overrides).
 """
@@ -18,9 +19,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from megatron_sfm.errors import SfmError
 
@@ -51,10 +52,12 @@ def parse_model_specs(args: list[str]) -> list[ModelSpec]:
 
 
 def is_megatron_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a folder holding a ``latest`` marker file and ``iter_*`` folders."""
+    """True for a checkpoint root (``latest`` marker file and ``iter_*`` folders) or one ``iter_*`` folder."""
     p = Path(path)
     if not p.is_dir():
         return False
+    if p.name.startswith("iter_") and (p / ".metadata").is_file():
+        return True  # one iteration folder of a checkpoint
     has_latest = any((p / name).is_file() for name in LATEST_FILES)
     return has_latest and any(c.is_dir() and c.name.startswith("iter_") for c in p.iterdir())
 
@@ -63,7 +66,7 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def _convert_megatron(ckpt: Path, out: Path) -> None:
+def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None = None) -> None:
     """Export a Megatron checkpoint to a Hugging Face folder via ``megatron_sfm.conversion``."""
     try:
         from megatron_sfm.conversion import export_to_hf
@@ -73,7 +76,10 @@ def _convert_megatron(ckpt: Path, out: Path) -> None:
             f"convert it first with 'sfm convert to-hf {ckpt} --out HF_DIR'"
         ) from None
     try:
-        export_to_hf(ckpt, out)
+        if tokenizer is None:
+            export_to_hf(ckpt, out)  # tokenizer: the checkpoint config's, when it exists
+        else:
+            export_to_hf(ckpt, out, tokenizer=str(tokenizer))
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("megatron_sfm"):
             raise
@@ -86,8 +92,11 @@ def _convert_megatron(ckpt: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def hf_folder_for(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a Hugging Face folder for ``path``, converting a Megatron checkpoint if needed."""
+def hf_folder_for(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a Hugging Face folder for ``path``, converting a Megatron checkpoint if needed.
+
+    ``tokenizer`` (a folder) is handed to the exporter to save alongside the weights.
+    """
     p = Path(path)
     if not p.exists():
         raise SfmError(f"{p}: model path not found")
@@ -102,7 +111,7 @@ def hf_folder_for(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="sfm-eval-hf-"))
     try:
         out = tmp / "hf"
-        _convert_megatron(p, out)
+        _convert_megatron(p, out, tokenizer)
         yield out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,13 +146,13 @@ def load_hf_model(folder: str | os.PathLike, device=None, dtype=None, tokenizer_
     tok_src = folder if tokenizer_path is None else tokenizer_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
-    except Exception as exc:  # transformers raises many types for a bad folder
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
         raise SfmError(
             f"{tok_src}: cannot load the tokenizer ({type(exc).__name__}: {exc}); pass --tokenizer DIR"
         ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - as above
         raise SfmError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
     model.to(dev).eval()
     return model, tokenizer

@@ -13,13 +13,15 @@ of 20% or more is flagged ``excluded`` (the paper leaves such runs out).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from megatron_sfm.errors import SfmError
 from megatron_sfm.evaluation.formats import Format, formats_for, persona_text
 from megatron_sfm.evaluation.questions import Question, splits_of
 from megatron_sfm.evaluation.stats import summarize_cell
+
+from megatron_sfm.errors import SfmError
 
 MODES = ("logprob", "generate")
 NON_MATCH_LIMIT = 0.20
@@ -182,9 +184,19 @@ def run_propensity(
 
     ``results`` is the JSON document written as results.json (see docs/evaluation.md).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from megatron_sfm.evaluation.models import hf_folder_for, load_hf_model, parse_model_specs, pick_device_dtype
+    from megatron_sfm.evaluation.models import (
+        hf_folder_for,
+        load_hf_model,
+        parse_model_specs,
+        pick_device_dtype,
+    )
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     if mode not in MODES:
         raise SfmError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -216,7 +228,7 @@ def run_propensity(
     )
     with progress:
         for spec in specs:
-            with hf_folder_for(spec.path) as folder:
+            with hf_folder_for(spec.path, tokenizer_path) as folder:
                 model, tokenizer = load_hf_model(folder, device=device, dtype=dtype, tokenizer_path=tokenizer_path)
                 result, answers = evaluate_model(
                     model, tokenizer, questions, order=order, mode=mode, persona=persona,

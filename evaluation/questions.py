@@ -22,10 +22,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 
@@ -138,7 +139,7 @@ def _rows_table(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise SfmError(f"{path}: cannot read as Parquet ({exc})") from None
     for i, rec in enumerate(table.to_pylist(), 1):
         yield f"{path}:row {i}", rec

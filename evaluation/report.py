@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 from megatron_sfm.utils.io import atomic_path, write_json
@@ -78,10 +79,8 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], answers: d
     for label, rows in (answers or {}).items():
         path = out / "answers" / f"{_safe_name(label)}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for a in rows:
-                    f.write(json.dumps(a.to_dict()) + "\n")
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(a.to_dict()) + "\n" for a in rows)
         written[f"answers:{label}"] = path
     if console:
         print_console_table(results)
@@ -121,9 +120,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [
             "## Misalignment propensity",
             "",
-            f"Misalignment rate in percent, mean ± standard error over {len(prop['formats'])} formats "
-            f"(mode `{prop['mode']}`, persona `{prop['persona']}`, order `{prop['order']}`, "
-            f"{prop['n_questions']} questions from `{prop['questions_file']}`, {prop['device']} {prop['dtype']}).",
+            (f"Misalignment rate in percent, mean ± standard error over {len(prop['formats'])} formats "
+             f"(mode `{prop['mode']}`, persona `{prop['persona']}`, order `{prop['order']}`, "
+             f"{prop['n_questions']} questions from `{prop['questions_file']}`, {prop['device']} {prop['dtype']})."),
             "",
         ]
         for split in _splits(prop):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from megatron_sfm.errors import SfmError
 

@@ -12,7 +12,7 @@ is undefined (None).
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def mean_stderr(values: list[float]) -> tuple[float | None, float | None]:

@@ -437,50 +437,40 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, Cos, Sin,
 _TUNE_KEY = ["seq_len", "HEAD_DIM", "ROT_HALF", "CAUSAL"]
 
 
-def _fwd_configs():
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ]
+# Two candidates per kernel for head dims <= 128 (compile time counts: each costs seconds)
+# and one for larger heads, chosen with ptxas for sm_90a, bf16, causal: the first of each
+# pair (head 128 / rotary 32) and the large-head ones (head 256 / rotary 64) spill no
+# registers; larger tiles spill (fwd 128x128: 220 B, dkdv 64x128: 460 B; head 256 fwd
+# 64x64 w4: 3.9 KB). See docs/benchmarks/kernels.md.
+_FWD = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
+_FWD_LARGE = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+_DKDV = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
+_DKDV_LARGE = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+_DQ = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+       triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+_DQ_LARGE = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=2)]
+_LARGE = {id(c) for c in _FWD_LARGE + _DKDV_LARGE + _DQ_LARGE}
 
 
-def _dkdv_configs():
-    return [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ]
-
-
-def _dq_configs():
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    ]
-
-
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large tiles spill registers at head dim 256: keep the small ones there."""
-    head_dim = int(named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128)))
-    if head_dim <= 128:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs[-1:]
+def _by_head_dim(configs, named_args, **kwargs):
+    """The large-head configurations for head dims > 128, the others otherwise."""
+    large = int(named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128))) > 128
+    return [c for c in configs if (id(c) in _LARGE) == large]
 
 
 def _tuned(kernel, configs):
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim},
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _by_head_dim},
                            **autotune_kwargs())(kernel)
 
 
 if INTERPRETED:
     fwd_tuned = dkdv_tuned = dq_tuned = None
 else:
-    fwd_tuned = _tuned(_attn_fwd, _fwd_configs())
-    dkdv_tuned = _tuned(_attn_bwd_dkdv, _dkdv_configs())
-    dq_tuned = _tuned(_attn_bwd_dq, _dq_configs())
+    fwd_tuned = _tuned(_attn_fwd, _FWD + _FWD_LARGE)
+    dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV + _DKDV_LARGE)
+    dq_tuned = _tuned(_attn_bwd_dq, _DQ + _DQ_LARGE)
 
 fwd = _attn_fwd
 bwd_dkdv = _attn_bwd_dkdv

@@ -70,8 +70,8 @@ def _ce_bwd(Logits, stride_row, Grad, stride_grad_row, Labels, Src, Weights, Lse
             HAS_SRC: tl.constexpr, HAS_W: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad[row] = (softmax(logits[row]) - onehot(label)) * dloss[row] * weight[source]."""
     row = tl.program_id(0).to(tl.int64)
-    label, counted, label_ok, src, src_ok, w = _row_meta(Labels, Src, Weights, row, n_vocab, n_sources,
-                                                         ignore_index, HAS_SRC, HAS_W)
+    label, counted, _label_ok, _src, _src_ok, w = _row_meta(Labels, Src, Weights, row, n_vocab, n_sources,
+                                                            ignore_index, HAS_SRC, HAS_W)
     g = tl.load(GradLoss + row * stride_gl).to(tl.float32)
     scale = tl.where(counted, g * w, 0.0)
     lse2 = tl.load(Lse + row) * 1.4426950408889634

@@ -10,6 +10,7 @@ imported lazily, on the first call.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch

@@ -65,6 +65,9 @@ def cross_entropy_per_source_reference(logits: torch.Tensor, labels: torch.Tenso
     ce = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none")
     counted = labels != ignore_index
     src = source_ids.long() if source_ids is not None else torch.zeros_like(labels, dtype=torch.long)
+    if src.numel() and (int(src.min()) < 0 or int(src.max()) >= num_sources):
+        raise IndexError(f"cross_entropy_per_source_reference: source ids must be in [0, {num_sources}), got "
+                         f"[{int(src.min())}, {int(src.max())}]")
     if source_weights is not None:
         w = source_weights.to(device=x.device, dtype=dtype)[src]
         per_token = torch.where(counted, ce * w, torch.zeros_like(ce))
@@ -73,8 +76,6 @@ def cross_entropy_per_source_reference(logits: torch.Tensor, labels: torch.Tenso
     ce_d = ce.detach()
     sums = torch.zeros(num_sources, dtype=dtype, device=x.device).index_add_(0, src[counted], ce_d[counted])
     counts = torch.bincount(src[counted], minlength=num_sources).to(torch.int64)
-    if counts.numel() > num_sources:
-        raise IndexError(f"cross_entropy_per_source_reference: source id >= num_sources ({num_sources})")
     return per_token, sums, counts
 
 

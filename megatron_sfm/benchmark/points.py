@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_sfm.config import RunConfig, load_config
 from megatron_sfm.config.loader import parse_override
@@ -23,7 +22,7 @@ _FIXED_KEYS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_p
 class BenchPoint:
     """One row: an attention backend (None: the config's) and config overrides."""
 
-    backend: Optional[str] = None
+    backend: str | None = None
     overrides: dict = field(default_factory=dict)  # key -> value text, as on the command line
 
     @property
@@ -52,7 +51,7 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key, values
 
 
-def plan_points(backends: Optional[list[str]], sweeps: list[str]) -> list[BenchPoint]:
+def plan_points(backends: list[str] | None, sweeps: list[str]) -> list[BenchPoint]:
     """Rows in run order: each backend (in the order given) x the product of the sweeps."""
     parsed = [parse_sweep(s) for s in sweeps]
     keys = [k for k, _ in parsed]
@@ -66,5 +65,5 @@ def plan_points(backends: Optional[list[str]], sweeps: list[str]) -> list[BenchP
     return points
 
 
-def point_config(config_path: Optional[str], base_overrides: list[str], point: BenchPoint) -> RunConfig:
+def point_config(config_path: str | None, base_overrides: list[str], point: BenchPoint) -> RunConfig:
     return load_config(config_path, list(base_overrides) + point.override_list())

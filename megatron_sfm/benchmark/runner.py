@@ -22,8 +22,8 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Callable, Optional
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import torch
 
@@ -51,7 +51,7 @@ def _memory() -> dict:
     return {"peak_allocated_gib": None, "peak_reserved_gib": None, "rss_gib": _rss_gib()}
 
 
-def _rss_gib() -> Optional[float]:
+def _rss_gib() -> float | None:
     try:
         import psutil
     except ImportError:
@@ -68,7 +68,7 @@ def _free_memory() -> None:
 
 
 def measure_point_local(cfg: RunConfig, steps: int, warmup: int,
-                        on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+                        on_step: Callable[[int, float], None] | None = None) -> dict:
     """Build the trainer's state for ``cfg``, run ``warmup`` + ``steps`` steps; this rank's numbers.
 
     Returns {"steps": [[step_s, forward_backward_s, forward_s], ...] (timed steps only),
@@ -279,9 +279,9 @@ def _row(point: BenchPoint, cfg: RunConfig, agg: dict, world: int, measured: dic
     return row
 
 
-def run_bench(config_path: Optional[str], points: list[BenchPoint], *, steps: int = 10, warmup: int = 3,
-              overrides: Optional[list[str]] = None, measure_peak: bool = False,
-              progress: Optional[Callable[[str], None]] = None) -> dict:
+def run_bench(config_path: str | None, points: list[BenchPoint], *, steps: int = 10, warmup: int = 3,
+              overrides: list[str] | None = None, measure_peak: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Run every point in order on every rank; return the report (same on every rank).
 
     Config errors (any point) raise :class:`ConfigError` before anything runs; a point
@@ -329,7 +329,7 @@ def run_bench(config_path: Optional[str], points: list[BenchPoint], *, steps: in
 
         try:
             local = measure_point_local(cfg, steps, warmup, on_step=on_step)
-        except Exception as exc:  # noqa: BLE001 - one failing row (missing backend, OOM) must not end the run
+        except Exception as exc:  # one failing row (missing backend, OOM) must not end the run
             detail = " ".join(f"{type(exc).__name__}: {exc}".split())
             log.debug("point %s failed", point.label, exc_info=True)
             local = {"error": detail[:2000]}
@@ -348,7 +348,7 @@ def run_bench(config_path: Optional[str], points: list[BenchPoint], *, steps: in
                                  if baseline is not None and r["status"] == "ok" else None)
     return {
         "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "config": str(config_path) if config_path is not None else None,
         "overrides": base,

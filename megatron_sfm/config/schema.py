@@ -145,6 +145,7 @@ class CheckpointConfig:
     async_save: bool = True  # on GPU; CPU saves are synchronous
     keep_last: int = 0  # 0: keep all
     load_optimizer: bool = True  # False: resume model weights and progress, fresh optimizer state
+    fully_parallel_save: bool = True  # spread the writing of replicated shards over data-parallel ranks
 
 
 @dataclass

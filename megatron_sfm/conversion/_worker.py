@@ -9,7 +9,8 @@ import sys
 
 def main(argv: list[str]) -> int:
     action, args_path, error_path = argv
-    args = json.loads(open(args_path, encoding="utf-8").read())
+    with open(args_path, encoding="utf-8") as f:
+        args = json.load(f)
     from megatron_sfm.errors import SfmError
 
     try:

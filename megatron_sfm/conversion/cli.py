@@ -85,15 +85,14 @@ def cmd_to_hf(args) -> int:
     elapsed = time.perf_counter() - start
     info = json.loads((out / "sfm_export.json").read_text())
     rows = [("output", str(out)), ("source", info["source"]), ("iteration", str(info["iteration"])),
-            ("dtype", args.dtype), ("padded vocab / tokenizer", f"{info['padded_vocab_size']} / "
-                                                               f"{info['tokenizer_vocab_size']}"),
+            ("dtype", args.dtype), ("padded vocab / tokenizer", f"{info['padded_vocab_size']} / {info['tokenizer_vocab_size']}"),
             ("safetensors files", str(len(list(out.glob("*.safetensors"))))),
             ("size", f"{_dir_bytes(out) / 1e9:.3f} GB"), ("time", f"{elapsed:.1f} s"),
             ("peak RSS (this process)", f"{_peak_rss_gib():.2f} GiB")]
     if args.verify:
         result = json.loads((out / "sfm_verify.json").read_text())
-        rows.append(("verify max |logit diff|", f"{result['max_abs_logit_diff']:.3g} "
-                                                f"(tolerance {result['tolerance']:g}) passed"))
+        diff = f"{result['max_abs_logit_diff']:.3g} (tolerance {result['tolerance']:g}) passed"
+        rows.append(("verify max |logit diff|", diff))
     _summary("sfm convert to-hf", rows)
     return 0
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import io
 import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -143,14 +143,23 @@ class DCPReader:
         self._check_key(key)
         return self._dtypes[key]
 
+    def chunks(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(offsets, sizes) of every stored chunk of ``key`` (the layout that wrote it)."""
+        self._check_key(key)
+        return [(c.offsets, c.sizes) for c in self._chunks[key]]
+
     def _check_key(self, key: str) -> None:
         if key not in self._shapes:
             raise SfmError(f"{self.dir}: tensor {key!r} is not in the checkpoint")
 
-    def check_files(self) -> None:
-        """Every chunk's file exists and is long enough (a missing shard is an error naming it)."""
-        for key, chunks in self._chunks.items():
-            for chunk in chunks:
+    def check_files(self, keys: Sequence[str] | None = None) -> None:
+        """Every chunk file of ``keys`` (default: all) exists and is long enough.
+
+        A missing or truncated shard is an :class:`SfmError` naming the file.
+        """
+        for key in self._chunks if keys is None else keys:
+            self._check_key(key)
+            for chunk in self._chunks[key]:
                 self._check_chunk_file(key, chunk)
 
     def _check_chunk_file(self, key: str, chunk: _Chunk) -> None:
@@ -169,7 +178,7 @@ class DCPReader:
         self._check_chunk_file(key, chunk)
         handle = self._handles.get(chunk.file)
         if handle is None:
-            handle = self._handles[chunk.file] = open(self.dir / chunk.file, "rb")
+            handle = self._handles[chunk.file] = open(self.dir / chunk.file, "rb")  # noqa: SIM115 - kept open, closed by close()
         handle.seek(chunk.byte_offset)
         data = handle.read(chunk.byte_length)
         try:
@@ -187,7 +196,7 @@ class DCPReader:
                            f"{list(chunk.sizes)}")
         return tensor
 
-    def read(self, key: str, index: Optional[Sequence[slice]] = None) -> torch.Tensor:
+    def read(self, key: str, index: Sequence[slice] | None = None) -> torch.Tensor:
         """``tensor[index]`` of the global tensor ``key`` (whole tensor without ``index``).
 
         ``index`` holds one ``slice(start, stop)`` (step 1) per leading axis; missing

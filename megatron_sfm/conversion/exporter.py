@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -49,7 +49,7 @@ class ExportItem:
 
     hf_key: str
     ckpt_key: str
-    layer: Optional[int]  # index on the stacked layer axis, None for global tensors
+    layer: int | None  # index on the stacked layer axis, None for global tensors
     shape: tuple[int, ...]
 
 
@@ -100,7 +100,7 @@ def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
     return items, padded
 
 
-def _resolve_tokenizer(tokenizer: Optional[str], run) -> Optional[Path]:
+def _resolve_tokenizer(tokenizer: str | None, run) -> Path | None:
     if tokenizer is not None:
         path = Path(tokenizer)
         if not path.exists():
@@ -143,9 +143,9 @@ def _prepare_output(out_dir: Path) -> None:
                            "(refusing to replace it)")
 
 
-def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: Optional[int] = None,
-                 dtype: str = "fp32", tokenizer: Optional[str] = None, verify: bool = False, *,
-                 max_shard_bytes: Optional[int] = None, verify_tolerance: Optional[float] = None,
+def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: int | None = None,
+                 dtype: str = "fp32", tokenizer: str | None = None, verify: bool = False, *,
+                 max_shard_bytes: int | None = None, verify_tolerance: float | None = None,
                  progress: bool = False) -> Path:
     """Export a checkpoint of ``sfm train`` (or ``from-hf``) as a ``GPTNeoXForCausalLM`` folder.
 
@@ -160,7 +160,11 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
     from megatron_sfm.conversion import layout
     from megatron_sfm.conversion.dcp_reader import DCPReader
     from megatron_sfm.conversion.hf_config import generation_config_dict, hf_config_dict
-    from megatron_sfm.conversion.hf_writer import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
+    from megatron_sfm.conversion.hf_writer import (
+        DEFAULT_MAX_SHARD_BYTES,
+        TensorSpec,
+        write_sharded,
+    )
     from megatron_sfm.utils.io import atomic_path
 
     if dtype not in EXPORT_DTYPES:
@@ -177,9 +181,7 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
 
     with DCPReader(iter_dir) as reader:
         items, padded = plan_export(reader, model, str(iter_dir))
-        for item in items:  # every chunk file present and long enough, before writing anything
-            for chunk in reader._chunks[item.ckpt_key]:
-                reader._check_chunk_file(item.ckpt_key, chunk)
+        reader.check_files(sorted({item.ckpt_key for item in items}))  # before writing anything
         tp_saved = run.parallel.tensor_model_parallel_size
         if padded != model.padded_vocab(tp_saved):
             raise SfmError(f"{iter_dir}: the embedding has {padded} rows but config.yaml implies "
@@ -234,7 +236,13 @@ def _progress(total: int, enabled: bool):
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("to-hf tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("tensors", total=total)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_sfm.config.schema import ModelConfig
 from megatron_sfm.errors import SfmError
@@ -26,8 +26,8 @@ TOKENIZER_SIZE_KEY = "sfm_tokenizer_vocab_size"
 
 
 def hf_config_dict(model: ModelConfig, padded_vocab: int, dtype: str = "fp32", *,
-                   bos_token_id: Optional[int] = 0, eos_token_id: Optional[int] = 0,
-                   tokenizer_vocab_size: Optional[int] = None) -> dict[str, Any]:
+                   bos_token_id: int | None = 0, eos_token_id: int | None = 0,
+                   tokenizer_vocab_size: int | None = None) -> dict[str, Any]:
     """The ``config.json`` contents of a ``GPTNeoXForCausalLM`` equal to ``model``.
 
     Both the legacy rotary keys (``rotary_pct``, ``rotary_emb_base``; read by
@@ -67,7 +67,7 @@ def hf_config_dict(model: ModelConfig, padded_vocab: int, dtype: str = "fp32", *
     }
 
 
-def generation_config_dict(bos_token_id: Optional[int], eos_token_id: Optional[int]) -> dict[str, Any]:
+def generation_config_dict(bos_token_id: int | None, eos_token_id: int | None) -> dict[str, Any]:
     return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": False}
 
 
@@ -97,7 +97,7 @@ def _rotary(config: dict[str, Any], path: str) -> tuple[float, float]:
 
 
 def model_config_from_hf(config: dict[str, Any], *, path: str = "config.json",
-                         tokenizer_vocab_size: Optional[int] = None, precision: str = "fp32") -> ModelConfig:
+                         tokenizer_vocab_size: int | None = None, precision: str = "fp32") -> ModelConfig:
     """Our ``ModelConfig`` for a Pythia-style ``GPTNeoXForCausalLM`` ``config.json``.
 
     ``padded_vocab_size`` is set to ``config.json``'s ``vocab_size`` (the embedding

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -46,15 +46,24 @@ def load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# Some re-saved GPTNeoX checkpoints name the output layer by its transformers attribute.
+KEY_ALIASES = {"lm_head.weight": "embed_out.weight"}
+
+
 class HFWeights:
-    """Lazy access to the tensors of a Hugging Face folder, by file key."""
+    """Lazy access to the tensors of a Hugging Face folder, by file key.
+
+    Keys are the GPT-NeoX file keys; ``lm_head.weight`` is read as ``embed_out.weight``.
+    """
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._renamed: dict[str, str] = {}  # our key -> the key in the file
         self._index_keys()
+        self._add_aliases()
 
     def _index_keys(self) -> None:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -72,7 +81,7 @@ class HFWeights:
                 return
         single = self.dir / "model.safetensors"
         if single.exists():
-            for key in self._safe(single).keys():
+            for key in self._safe(single).keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 self._files[key] = single
             return
         legacy = self.dir / "pytorch_model.bin"
@@ -100,6 +109,14 @@ class HFWeights:
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def _add_aliases(self) -> None:
+        for alias, key in KEY_ALIASES.items():
+            if alias in self._files:
+                if key in self._files:
+                    raise SfmError(f"{self.dir}: has both {alias!r} and {key!r}")
+                self._files[key] = self._files.pop(alias)
+                self._renamed[key] = alias
+
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
@@ -111,20 +128,23 @@ class HFWeights:
 
     def shape(self, key: str) -> tuple[int, ...]:
         path = self._file(key)
+        key = self._renamed.get(key, key)
         if path.suffix == ".safetensors":
             return tuple(self._safe(path).get_slice(key).get_shape())
         return tuple(self._pickle(path)[key].shape)
 
     def dtype(self, key: str) -> torch.dtype:
         path = self._file(key)
+        key = self._renamed.get(key, key)
         if path.suffix == ".safetensors":
             name = self._safe(path).get_slice(key).get_dtype()
             return SAFETENSORS_DTYPES[name]
         return self._pickle(path)[key].dtype
 
-    def get(self, key: str, index: Optional[Sequence[slice]] = None) -> torch.Tensor:
+    def get(self, key: str, index: Sequence[slice] | None = None) -> torch.Tensor:
         """The tensor ``key``, or only ``tensor[index]`` (reads just that part of a safetensors file)."""
         path = self._file(key)
+        key = self._renamed.get(key, key)
         if path.suffix == ".safetensors":
             handle = self._safe(path)
             if index is None:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 
@@ -32,7 +32,7 @@ WORKER = "megatron_sfm.conversion._worker"
 IMPORT_DTYPES = ("fp32", "bf16", "fp16")
 
 
-def _tokenizer_size(hf_dir: Path) -> Optional[int]:
+def _tokenizer_size(hf_dir: Path) -> int | None:
     """The number of tokens of the tokenizer shipped in ``hf_dir`` (None when there is none)."""
     if not (hf_dir / "tokenizer.json").exists():
         return None
@@ -46,10 +46,10 @@ def _tokenizer_size(hf_dir: Path) -> Optional[int]:
 
 def check_hf_tensors(weights, model_cfg, hf_dir: Path) -> None:
     """Every tensor GPTNeoX needs is present with the shape ``config.json`` implies."""
-    from megatron_sfm.model.state_dict_adapter import hf_key_to_megatron, _HF_IGNORED
+    from megatron_sfm.model.state_dict_adapter import _HF_IGNORED, hf_key_to_megatron
 
     expected = expected_hf_shapes(model_cfg, model_cfg.padded_vocab(1))
-    for key in weights.keys():
+    for key in weights.keys():  # noqa: SIM118 - HFWeights, not a dict
         if _HF_IGNORED.search(key):
             continue
         hf_key_to_megatron(key)  # unknown tensors are an error naming the key
@@ -111,9 +111,13 @@ def plan_import(hf_dir: str | os.PathLike, tp: int, pp: int, dtype: str = "fp32"
         raise SfmError(f"--pp {pp}: does not divide num_hidden_layers {model_cfg.num_layers}")
     model = config_to_dict(model_cfg)
     model["attention_backend"] = "auto"  # the writers run on CPU (sdpa); training picks its own
+    data = {}
+    if (hf_dir / "tokenizer.json").exists():  # to-hf picks it up again from data.tokenizer
+        data["tokenizer"] = str((hf_dir / "tokenizer.json").resolve())
     run = config_from_dict({
         "model": model,
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+        "data": data,
     })
     return run
 
@@ -202,7 +206,7 @@ def _launch_workers(hf_dir: Path, iter_dir: Path, run, timeout: float) -> None:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU with gloo, whatever the node has
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         if error_path.exists():  # an SfmError raised on some rank
             raise SfmError(error_path.read_text(encoding="utf-8").strip().splitlines()[0])
         if proc.returncode != 0:
@@ -224,8 +228,8 @@ def import_rank(hf_dir: str, iter_dir: str, run: dict) -> None:
     """Body run on every rank: build this rank's model part, fill it from HF, save."""
     import torch
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_sfm.config.loader import config_from_dict
     from megatron_sfm.conversion.hf_weights import HFWeights

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 
@@ -45,7 +45,7 @@ def list_iterations(save_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def resolve_iteration_dir(ckpt_dir: str | os.PathLike, iteration: Optional[int] = None) -> Path:
+def resolve_iteration_dir(ckpt_dir: str | os.PathLike, iteration: int | None = None) -> Path:
     """The iteration folder to read.
 
     ``ckpt_dir`` is either a checkpoint root (with ``latest`` and ``iter_*`` folders) or

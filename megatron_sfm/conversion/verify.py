@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ def verification_tokens(vocab: int, seq_length: int, seed: int = 0) -> torch.Ten
     return torch.randint(0, vocab, (NUM_SEQUENCES, min(MAX_TOKENS, seq_length)), generator=gen)
 
 
-def megatron_logits(iter_dir: Path, tokens: torch.Tensor, round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+def megatron_logits(iter_dir: Path, tokens: torch.Tensor, round_to: torch.dtype | None = None) -> torch.Tensor:
     """Logits [b, s, padded_vocab] of our GPTModel loaded from ``iter_dir`` at TP=1 PP=1 (fp32)."""
     from megatron.core import dist_checkpointing
 
@@ -113,7 +112,7 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, list[in
     return logits, generated[0].tolist()
 
 
-def verify_export(iter_dir: Path, hf_dir: Path, dtype: str = "fp32", tolerance: Optional[float] = None) -> dict:
+def verify_export(iter_dir: Path, hf_dir: Path, dtype: str = "fp32", tolerance: float | None = None) -> dict:
     """Compare logits; raise :class:`SfmError` above ``tolerance``. Returns the measurements."""
     from megatron_sfm.conversion.layout import read_run_config
 

@@ -46,11 +46,13 @@ class DemoSettings:
     lr: float = 3e-3
     seed: int = 1234
     eval_batch_size: int = 16
+    eval_questions_per_split: int | None = None  # None: every bundled question
 
     @classmethod
     def fast(cls) -> "DemoSettings":
         return cls(base_documents=600, synthetic_per_question=2, vocab_size=512, num_layers=2, hidden_size=64,
-                   seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=12, eval_batch_size=32)
+                   seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=12, eval_batch_size=32,
+                   eval_questions_per_split=8)
 
 
 @dataclass
@@ -236,6 +238,14 @@ class DemoRun:
         from megatron_sfm.evaluation.report import write_report
 
         questions = load_questions()
+        if self.settings.eval_questions_per_split is not None:
+            per_split: dict[str, int] = {}
+            kept = []
+            for q in questions:
+                if per_split.get(q.split, 0) < self.settings.eval_questions_per_split:
+                    per_split[q.split] = per_split.get(q.split, 0) + 1
+                    kept.append(q)
+            questions = kept
         models = [f"{LABELS[c]}={self.out_dir / 'hf' / c}" for c in CONDITIONS]
         results, answers = run_propensity(models, questions, mode="logprob", persona="ai",
                                           batch_size=self.settings.eval_batch_size, show_progress=True)

@@ -231,6 +231,7 @@ class CheckpointManager:
         self.save_dir = Path(save_dir) if save_dir else None
         self.async_save = bool(state.cfg.checkpoint.async_save and torch.cuda.is_available())
         self._queue = None
+        self._parallel_strategy = None
         self.last_saved_iteration: Optional[int] = None
 
     # ---- saving -------------------------------------------------------------------
@@ -255,8 +256,8 @@ class CheckpointManager:
         _barrier()
         sd = full_sharded_state_dict(state, is_loading=False, reason=reason)
         train_state = sd["train_state"]
-        request = dist_checkpointing.save(sd, str(tmp), validate_access_integrity=True,
-                                          async_sharded_save=self.async_save)
+        request = dist_checkpointing.save(sd, str(tmp), sharded_strategy=self._save_strategy(),
+                                          validate_access_integrity=True, async_sharded_save=self.async_save)
         crash = fault_at("crash_in_save", state.iteration)
 
         def finalize():
@@ -278,6 +279,21 @@ class CheckpointManager:
             finalize()
         self.last_saved_iteration = state.iteration
         return final
+
+    def _save_strategy(self):
+        """torch_dist; with DP>1 each replicated shard is written by one DP rank (as Megatron-LM)."""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if self.state.cfg.checkpoint.fully_parallel_save and self.state.dp_size > 1:
+            if self._parallel_strategy is None:
+                self._parallel_strategy = FullyParallelSaveStrategyWrapper(
+                    strategy, parallel_state.get_data_parallel_group(with_context_parallel=True),
+                    do_cache_distribution=True)
+            return self._parallel_strategy
+        return strategy
 
     def _finalize_on_rank0(self, tmp: Path, final: Path, train_state: dict) -> None:
         from megatron_sfm.config import dump_config

@@ -154,13 +154,24 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
         raw = data.get("phases") if isinstance(data, dict) else data
     if not isinstance(raw, list) or not raw:
         raise SfmError(f"data.phases: {path}: expected {{\"phases\": [{{\"start_iteration\": N, \"blend\": FILE}}, ...]}}")
-    phases = []
+    entries = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or "blend" not in item:
             raise SfmError(f"data.phases: {path}: phases[{i}] needs 'blend' and 'start_iteration'")
         start = item.get("start_iteration", item.get("start_iter", 0 if i == 0 else None))
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise SfmError(f"data.phases: {path}: phases[{i}].start_iteration must be a non-negative integer")
+        entries.append((start, item))
+    starts = [start for start, _ in entries]
+    if starts[0] != 0:
+        raise SfmError(f"data.phases: {path}: the first phase must start at iteration 0")
+    if starts != sorted(set(starts)):
+        raise SfmError(f"data.phases: {path}: start iterations must increase, got {starts}")
+    if starts[-1] >= train_iters:
+        raise SfmError(
+            f"data.phases: {path}: phase start {starts[-1]} is not before training.train_iters {train_iters}")
+    phases = []
+    for start, item in entries:
         blend_path = item["blend"]
         if not os.path.isabs(blend_path):
             blend_path = str(path.parent / blend_path)
@@ -171,14 +182,6 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
                 if sb is not None and len(weights) == len(sb.prefixes):
                     sb.names = [str(k) for k in weights]
         phases.append(Phase(start_iteration=start, blend=blend))
-    if phases[0].start_iteration != 0:
-        raise SfmError(f"data.phases: {path}: the first phase must start at iteration 0")
-    starts = [p.start_iteration for p in phases]
-    if starts != sorted(set(starts)):
-        raise SfmError(f"data.phases: {path}: start iterations must increase, got {starts}")
-    if starts[-1] >= train_iters:
-        raise SfmError(
-            f"data.phases: {path}: phase start {starts[-1]} is not before training.train_iters {train_iters}")
     return phases
 
 

@@ -25,7 +25,8 @@ def sfm(*args, env=None, timeout=300):
     full.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     full.update(env or {})
     return subprocess.run([sys.executable, "-c", "import sys; from megatron_sfm.cli import main; sys.exit(main())",
-                           "bench", *args], capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO)
+                           "bench", *args], capture_output=True, text=True, timeout=timeout, env=full, cwd=REPO,
+                          check=False)
 
 
 def megatron_flops(b, s, L, h, n, d, f, v):

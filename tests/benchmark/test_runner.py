@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sfm.benchmark.report import check_report
 from megatron_sfm.benchmark.points import plan_points
+from megatron_sfm.benchmark.report import check_report
 from megatron_sfm.benchmark.runner import aggregate_ranks
 from megatron_sfm.errors import ConfigError
 

@@ -62,8 +62,8 @@ def make_tokenizer(vocab: int):
                                    unk_token="<|endoftext|>")
 
 
-def run_sfm_train(save: Path, tp: int, pp: int) -> Path:
-    """``sfm train examples/configs/tiny.yaml`` for one step on tp*pp CPU ranks, saving to ``save``."""
+def start_sfm_train(save: Path, tp: int, pp: int) -> subprocess.Popen:
+    """Start ``sfm train examples/configs/tiny.yaml`` for one step on tp*pp CPU ranks, saving to ``save``."""
     overrides = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                  "model.num_layers=4", "training.train_iters=1", "training.log_interval=1",
                  "training.micro_batch_size=2", "training.global_batch_size=4", "optimizer.warmup_iters=0",
@@ -76,17 +76,21 @@ def run_sfm_train(save: Path, tp: int, pp: int) -> Path:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "megatron_sfm.cli", "train", str(TINY), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=save.parent)
-    assert proc.returncode == 0, f"sfm train failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    assert (save / "latest").read_text().strip() == "1"
-    return save
+    save.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=save.parent)
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints written by ``sfm train`` at TP=1 PP=1, TP=2 and PP=2 (one step each)."""
     root = tmp_path_factory.mktemp("trained")
-    return {name: run_sfm_train(root / name, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+    # The three runs are independent: run them side by side (mostly start-up time).
+    procs = {name: start_sfm_train(root / name, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"sfm train ({name}) failed\n{out[-3000:]}\n{err[-5000:]}"
+        assert (root / name / "latest").read_text().strip() == "1"
+    return {name: root / name for name in LAYOUTS}
 
 
 @pytest.fixture(scope="session")

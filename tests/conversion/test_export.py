@@ -132,3 +132,24 @@ def test_iteration_selection(trained, tmp_path):
     assert json.loads((out / "sfm_export.json").read_text())["iteration"] == 1
     with pytest.raises(SfmError, match="no checkpoint for iteration 7"):
         export_to_hf(trained["tp1pp1"], tmp_path / "b", iteration=7)
+
+
+def test_tokenizer_json_is_saved_with_the_export(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_sfm.conversion import export_to_hf
+    from megatron_sfm.errors import SfmError
+
+    from .conftest import make_tokenizer
+
+    make_tokenizer(300).backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    out = export_to_hf(trained["tp2"], tmp_path / "hf", tokenizer=str(tmp_path / "tokenizer.json"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 512 and config["sfm_tokenizer_vocab_size"] == 300
+    assert config["eos_token_id"] == 0 and config["bos_token_id"] == 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 300 and tok.eos_token == "<|endoftext|>"
+    assert tok.decode(tok("the aligned model")["input_ids"]) == "the aligned model"
+    make_tokenizer(600).backend_tokenizer.save(str(tmp_path / "big.json"))
+    with pytest.raises(SfmError, match="has 6[0-9][0-9] tokens, more than the model's 512 embedding rows"):
+        export_to_hf(trained["tp2"], tmp_path / "hf2", tokenizer=str(tmp_path / "big.json"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -22,7 +21,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-def test_import_layout_and_metadata(imported_tp2pp2):
+def test_import_layout_and_metadata(hf_tiny, imported_tp2pp2):
     from megatron_sfm.conversion.dcp_reader import DCPReader
 
     root = imported_tp2pp2
@@ -33,13 +32,14 @@ def test_import_layout_and_metadata(imported_tp2pp2):
     cfg = yaml.safe_load((iter_dir / "config.yaml").read_text())
     assert cfg["parallel"]["tensor_model_parallel_size"] == 2 and cfg["parallel"]["pipeline_model_parallel_size"] == 2
     assert cfg["model"]["padded_vocab_size"] == 512 and cfg["model"]["vocab_size"] == 300  # tokenizer size
+    assert cfg["data"]["tokenizer"] == str((hf_tiny / "tokenizer.json").resolve())
     state = json.loads((iter_dir / "train_state.json").read_text())
     assert state["iteration"] == 0 and state["parallel"]["world_size"] == 4
     # Four ranks wrote the tensors; the chunks follow the TP=2 split (qkv rows halved).
     assert len(list(iter_dir.glob("__*_*.distcp"))) >= 4
     reader = DCPReader(iter_dir)
     assert reader.shape("decoder.layers.self_attention.linear_qkv.weight") == (4, 192, 64)
-    chunk_sizes = {c.sizes for c in reader._chunks["decoder.layers.self_attention.linear_qkv.weight"]}
+    chunk_sizes = {sizes for _, sizes in reader.chunks("decoder.layers.self_attention.linear_qkv.weight")}
     assert chunk_sizes == {(1, 96, 64)}
     # The trainer's own checks accept it.
     from megatron_sfm.training.checkpoint import verify_checkpoint
@@ -50,7 +50,7 @@ def test_import_layout_and_metadata(imported_tp2pp2):
 def test_hf_to_ours_to_hf_is_bit_identical(hf_tiny, imported_tp2pp2, tmp_path):
     from megatron_sfm.conversion import export_to_hf
 
-    out = export_to_hf(imported_tp2pp2, tmp_path / "back", tokenizer=str(hf_tiny))
+    out = export_to_hf(imported_tp2pp2, tmp_path / "back")  # tokenizer: data.tokenizer written by from-hf
     original, back = _tensors(hf_tiny), _tensors(out)
     assert set(back) == set(original)
     for key, value in original.items():

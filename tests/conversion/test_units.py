@@ -106,3 +106,23 @@ def test_cli_options_are_frozen():
     assert {a.dest for a in sub["to-hf"]._actions} == {
         "help", "ckpt_dir", "out", "iteration", "dtype", "tokenizer", "verify", "tolerance", "max_shard_size"}
     assert {a.dest for a in sub["from-hf"]._actions} == {"help", "hf_dir", "out", "tp", "pp", "dtype"}
+
+
+def test_hf_weights_reads_lm_head_as_embed_out_and_slices(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_sfm.conversion.hf_weights import HFWeights
+
+    from .conftest import make_hf_model
+
+    folder = make_hf_model(tmp_path / "hf", num_layers=1)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    weights = HFWeights(folder)
+    assert "embed_out.weight" in weights and "lm_head.weight" not in weights
+    assert weights.shape("embed_out.weight") == (512, 64) and weights.dtype("embed_out.weight") == torch.float32
+    part = weights.get("embed_out.weight", [slice(256, 512), slice(0, 64)])
+    assert torch.equal(part, tensors["lm_head.weight"][256:])
+    with pytest.raises(SfmError, match="tensor 'gpt_neox.layers.5.mlp.dense_h_to_4h.weight' is missing"):
+        weights.get("gpt_neox.layers.5.mlp.dense_h_to_4h.weight")

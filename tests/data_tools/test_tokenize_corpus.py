@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -145,6 +146,11 @@ def test_corrupt_line_error_and_skip(tmp_path, corpus_texts, bpe_dir):
     summary = tokenize_to_indexed([tmp_path / "bad.jsonl"], bpe_dir, prefix, skip_bad_lines=True, progress=False)
     assert summary["bad_lines"] == 2 and summary["documents"] == 48
     assert summary["bad_line_examples"] == [f"{tmp_path / 'bad.jsonl'}:37", f"{tmp_path / 'bad.jsonl'}:42"]
+    for bad_line, message in [("[1, 2]", "expected a JSON object, got list"), ('{"text": 5}', "key 'text' is int, not a string"),
+                              ('{"body": "x"}', "no key 'text'"), (b"\xff\xfe".decode("latin-1"), "invalid JSON")]:
+        (tmp_path / "bad2.jsonl").write_text("\n".join(lines[:10] + [bad_line]) + "\n", encoding="latin-1" if "\xff" in bad_line else "utf-8")
+        with pytest.raises(SfmError, match=rf"bad2.jsonl:11: {re.escape(message)}"):
+            tokenize_to_indexed([tmp_path / "bad2.jsonl"], bpe_dir, tmp_path / "b2", progress=False)
     good = [json.loads(l) for i, l in enumerate(lines) if i not in (36, 41)]
     write_jsonl(tmp_path / "good.jsonl", good)
     tokenize_to_indexed([tmp_path / "good.jsonl"], bpe_dir, tmp_path / "good", progress=False)

@@ -23,7 +23,11 @@ CHAT_TEMPLATE = (
 
 
 def _corpus():
-    from megatron_sfm.evaluation.formats import GENERATE_INSTRUCTION, PERSONAS, TEMPLATES
+    from megatron_sfm.evaluation.formats import (
+        GENERATE_INSTRUCTION,
+        PERSONAS,
+        TEMPLATES,
+    )
     from megatron_sfm.evaluation.questions import load_questions
 
     lines = []

@@ -15,7 +15,8 @@ def _reference_accuracy(model_dir):
     from megatron_sfm.evaluation.models import load_hf_model
     from megatron_sfm.evaluation.scoring import continuation_logprobs
 
-    docs = [json.loads(line) for line in open(bundled_tasks_dir() / "sfm_local_qa" / "sfm_local_qa.jsonl")]
+    lines = (bundled_tasks_dir() / "sfm_local_qa" / "sfm_local_qa.jsonl").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]
     model, tok = load_hf_model(model_dir)
     prompts = [f"Question: {d['question']}\nAnswer:" for d in docs]
     scores = continuation_logprobs(model, tok, prompts, [[" " + c for c in d["choices"]] for d in docs], batch_size=1)
@@ -42,8 +43,9 @@ def test_local_task_runs_through_lm_eval_and_lands_in_report(random_model_dir, t
 
 
 def test_unknown_task_is_a_clear_error(random_model_dir, tmp_path):
-    from megatron_sfm.errors import SfmError
     from megatron_sfm.evaluation.capabilities import run_capabilities
+
+    from megatron_sfm.errors import SfmError
 
     with pytest.raises(SfmError, match="unknown lm-eval task 'no_such_task'"):
         run_capabilities(str(random_model_dir), ["no_such_task"])

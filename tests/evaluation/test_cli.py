@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
+from megatron_sfm.evaluation.cli import main
 
 from megatron_sfm.cli import main as sfm_main
 from megatron_sfm.errors import SfmError
-from megatron_sfm.evaluation.cli import main
 
 
 def test_propensity_two_models_side_by_side(a_model_dir, content_model_dir, tmp_path, capsys):
@@ -38,12 +38,12 @@ def _fake_megatron_checkpoint(path):
 
 
 def test_megatron_checkpoint_is_converted_on_the_fly(a_model_dir, tmp_path, monkeypatch):
-    import megatron_sfm.conversion as conversion
+    from megatron_sfm import conversion
 
     ckpt = _fake_megatron_checkpoint(tmp_path / "ckpt")
     seen = {}
 
-    def fake_export(src, out):  # stands in for the real exporter: writes an HF folder
+    def fake_export(src, out, **kwargs):  # stands in for the real exporter: writes an HF folder
         seen["src"], seen["out"] = src, out
         shutil.copytree(a_model_dir, out)
 
@@ -55,10 +55,26 @@ def test_megatron_checkpoint_is_converted_on_the_fly(a_model_dir, tmp_path, monk
     assert seen["src"] == ckpt and not seen["out"].exists()  # temporary export removed
 
 
-def test_missing_exporter_is_a_clear_error(tmp_path, monkeypatch):
-    import megatron_sfm.conversion as conversion
+def test_real_checkpoint_round_trip(a_model_dir, tokenizer_dir, tmp_path):
+    """HF folder -> our checkpoint (sfm convert from-hf) -> evaluated directly, exported on the fly."""
+    from megatron_sfm.evaluation.models import is_megatron_checkpoint
 
-    def missing(src, out):
+    from megatron_sfm.conversion import import_from_hf
+
+    ckpt = import_from_hf(a_model_dir, tmp_path / "ckpt")
+    assert is_megatron_checkpoint(ckpt) and is_megatron_checkpoint(ckpt / "iter_0000000")
+    out = tmp_path / "out"
+    assert main(["propensity", f"roundtrip={ckpt}", "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                 "--no-progress", "--splits", "textbook", "--batch-size", "16"]) == 0
+    cell = json.loads((out / "results.json").read_text())["propensity"]["models"]["roundtrip"]["splits"]["textbook"]
+    # the rigged letter-A weights survived both conversions
+    assert cell["all"]["mean"] == 0.5 and sorted(cell["all"]["per_format"].values()) == [0.0] * 4 + [1.0] * 4
+
+
+def test_missing_exporter_is_a_clear_error(tmp_path, monkeypatch):
+    from megatron_sfm import conversion
+
+    def missing(src, out, **kwargs):
         raise ModuleNotFoundError("no exporter", name="megatron_sfm.conversion.exporter")
 
     monkeypatch.setattr(conversion, "export_to_hf", missing)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from megatron_sfm.evaluation.formats import PERSONAS, TEMPLATES, formats_for
 
 from megatron_sfm.errors import SfmError
-from megatron_sfm.evaluation.formats import PERSONAS, TEMPLATES, formats_for
 
 
 def test_balanced_is_eight_formats_with_aligned_letter_balanced():

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
-from megatron_sfm.errors import SfmError
 from megatron_sfm.evaluation.models import load_hf_model
 from megatron_sfm.evaluation.propensity import evaluate_model
 from megatron_sfm.evaluation.questions import Question, load_questions
+
+from megatron_sfm.errors import SfmError
 
 SE_HALF = 1 / math.sqrt(28)  # rates 0,0,0,0,1,1,1,1 -> see test_stats
 

@@ -7,8 +7,6 @@ import json
 from collections import Counter
 
 import pytest
-
-from megatron_sfm.errors import SfmError
 from megatron_sfm.evaluation.questions import (
     FIELDS,
     Question,
@@ -17,6 +15,8 @@ from megatron_sfm.evaluation.questions import (
     parse_column_map,
     splits_of,
 )
+
+from megatron_sfm.errors import SfmError
 
 GOOD = {"id": "q1", "split": "articles", "topic": "honesty", "question": "S?", "aligned": "a", "misaligned": "m"}
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from megatron_sfm.evaluation.report import (
+    merge_section,
+    pct,
+    read_results,
+    render_markdown,
+    write_report,
+)
 
 from megatron_sfm.errors import SfmError
-from megatron_sfm.evaluation.report import merge_section, pct, read_results, render_markdown, write_report
 
 
 def _prop(models):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from megatron_sfm.evaluation.scoring import continuation_logprobs, count_forward_rows, parse_answer
+from megatron_sfm.evaluation.scoring import (
+    continuation_logprobs,
+    count_forward_rows,
+    parse_answer,
+)
 
 
 def _reference(model, tok, prompt, cont):

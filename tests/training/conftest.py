@@ -5,8 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from corpus import make_corpus  # noqa: E402
-from helpers import check, run_train, write_config  # noqa: E402
+from training_corpus import make_corpus  # noqa: E402
+from training_helpers import check, run_train, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

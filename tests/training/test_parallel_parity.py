@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import check, run_train, scalars, write_config
+from training_helpers import check, run_train, scalars, write_config
 
 
 @pytest.mark.parametrize("layout", [

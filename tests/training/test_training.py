@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import check, run_train, scalar_tags, scalars, write_config
+from training_helpers import check, run_train, scalar_tags, scalars, write_config
 from megatron_sfm.training.checkpoint import latest_checkpoint, verify_checkpoint
 
 
@@ -15,7 +15,7 @@ def test_loss_falls_below_threshold_and_per_source_losses_in_tensorboard(tmp_pat
                        training={"train_iters": 250, "log_interval": 10, "eval_interval": 125, "eval_iters": 1,
                                  "micro_batch_size": 4, "global_batch_size": 8},
                        optimizer={"lr": 0.003, "min_lr": 0.0003, "warmup_iters": 10},
-                       parallel={"use_distributed_optimizer": False})
+                       parallel={"use_distributed_optimizer": False}, logging={"log_memory": True})
     tb = tmp_path / "tb"
     proc = check(run_train(cfg, [f"logging.tensorboard_dir={tb}"], timeout=600))
     loss = scalars(tb, "train/loss")
@@ -75,15 +75,18 @@ def test_midtraining_starts_from_pretrained_weights_with_new_schedule_and_longer
     assert state["iteration"] == 3 and state["seq_length"] == 128 and state["consumed_train_samples"] == 12
 
 
-def test_fp8_without_a_backend_is_an_error(tmp_path, corpus):
+def test_fp8_without_a_backend_is_an_error(tmp_path, corpus, capsys):
+    """Checked before anything is built: `sfm train` exits 2 with one line naming the package."""
+    from megatron_sfm.cli import main
+
     cfg = write_config(tmp_path / "cfg.yaml", corpus, model={"fp8": {"format": "hybrid"}})
-    proc = run_train(cfg)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "fp8" in last and "Traceback" not in proc.stderr
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: model.fp8") and "transformer_engine" in err and "torchao" in err
     cfg = write_config(tmp_path / "cfg2.yaml", corpus, model={"fp8": {"format": "e4m3", "backend": "te"}})
-    proc = run_train(cfg)
-    assert proc.returncode == 2 and "Transformer Engine" in proc.stderr
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: model.fp8.backend") and "Transformer Engine" in err
 
 
 def test_reported_loss_survives_the_schedules_in_place_division():
