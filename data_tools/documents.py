@@ -95,16 +95,15 @@ class Record:
     doc: dict[str, Any]
     source: str
     line: int  # 1-based line (JSONL) or row (Parquet)
-    raw: bytes | None = None  # the original JSONL line without its newline
+    raw: bytes | None = None  # the original JSONL line, line ending included
 
 
 def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, line_bytes)`` for each non-blank line, newline stripped."""
+    """Yield ``(line_number, line_bytes)`` for each non-blank line, line ending included."""
     with open_binary(path, "rb") as raw:
         stream = io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
         for number, line in enumerate(stream, start=1):
-            line = line.rstrip(b"\r\n")
-            if line.strip():
+            if not line.isspace():  # (no copy, unlike strip())
                 yield number, line
 
 
@@ -183,13 +182,12 @@ class ShardWriter:
                 self._flush_parquet()
             return
         if extra is None and record.raw is not None:
-            line = record.raw
-        else:
-            doc = dict(record.doc)
-            if extra:
-                doc.update(extra)
-            line = json.dumps(doc, ensure_ascii=False).encode("utf-8")
-        self._stream.write(line + b"\n")
+            self._stream.write(record.raw if record.raw.endswith(b"\n") else record.raw + b"\n")
+            return
+        doc = dict(record.doc)
+        if extra:
+            doc.update(extra)
+        self._stream.write(json.dumps(doc, ensure_ascii=False).encode("utf-8") + b"\n")
 
     def _flush_parquet(self) -> None:
         import pyarrow as pa
