@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_data_corpus import make_documents, sentence_pool  # noqa: E402
-
-from megatron_sfm.data_tools.filter import DiscourseFilter, TermLists, run_filter  # noqa: E402
+from bench_data_corpus import make_documents, sentence_pool
+from megatron_sfm.data_tools.filter import DiscourseFilter, TermLists, run_filter
 
 
 class RegexRules:

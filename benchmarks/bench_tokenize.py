@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_data_corpus import write_jsonl  # noqa: E402
+from bench_data_corpus import write_jsonl
 
 PEER = r"""
 import sys, time, numpy as np, warnings

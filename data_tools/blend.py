@@ -125,10 +125,9 @@ def build_gpt_datasets(
     builds the index caches first. Outside a distributed run pass ``path_to_cache=None``
     (GPTDataset then caches under ``<dataset folder>/cache/GPTDataset_indices``).
     """
+    import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
-
-    import torch.distributed as dist
 
     if path_to_cache is not None and not dist.is_initialized():
         # Megatron-Core 0.16.1's BlendedDataset calls torch.distributed.get_rank() when it caches.

@@ -14,9 +14,10 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from megatron_sfm.errors import SfmError
 
@@ -73,18 +74,18 @@ def open_binary(path: str | os.PathLike, mode: str = "rb", fmt: str | None = Non
     """
     fmt = fmt or shard_format(path)
     if fmt == "jsonl":
-        return open(path, mode)  # noqa: SIM115
+        return open(path, mode)
     if fmt == "jsonl.gz":
         # mtime=0 keeps compressed output reproducible byte for byte
         if "w" in mode:
-            return gzip.GzipFile(filename="", fileobj=open(path, mode), mode=mode, mtime=0)  # noqa: SIM115
-        return gzip.open(path, mode)  # noqa: SIM115
+            return gzip.GzipFile(filename="", fileobj=open(path, mode), mode=mode, mtime=0)
+        return gzip.open(path, mode)
     if fmt == "jsonl.zst":
         import zstandard
 
         if "w" in mode:
-            return zstandard.ZstdCompressor(level=3).stream_writer(open(path, mode), closefd=True)  # noqa: SIM115
-        return zstandard.ZstdDecompressor().stream_reader(open(path, mode), closefd=True)  # noqa: SIM115
+            return zstandard.ZstdCompressor(level=3).stream_writer(open(path, mode), closefd=True)
+        return zstandard.ZstdDecompressor().stream_reader(open(path, mode), closefd=True)
     raise SfmError(f"{path}: not a JSONL shard")
 
 

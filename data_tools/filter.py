@@ -68,7 +68,7 @@ class TermLists:
     source: str = ""
 
     @classmethod
-    def load(cls, folder: str | os.PathLike | None = None, window: int | None = None) -> "TermLists":
+    def load(cls, folder: str | os.PathLike | None = None, window: int | None = None) -> TermLists:
         """Read ``folder`` (default: the shipped lists). ``window`` overrides lists.yaml's."""
         import yaml
 
@@ -245,6 +245,7 @@ class ShardResult:
 def filter_shard(task: tuple[str, str, str, str | None, int | None, str]) -> ShardResult:
     """Filter one shard into ``out/kept/<name>`` and ``out/flagged/<name>`` (worker entry point)."""
     from megatron_sfm.data_tools import documents as docs
+
     from megatron_sfm.utils.io import atomic_path
 
     path, out_dir, name, lists_dir, window, text_key = task
@@ -335,6 +336,7 @@ def run_filter(
     import multiprocessing as mp
 
     from megatron_sfm.data_tools import documents as docs
+
     from megatron_sfm.utils.io import write_json
 
     shards = docs.expand_inputs(inputs)

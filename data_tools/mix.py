@@ -117,8 +117,7 @@ def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check
             raise ConfigError(f"{where}: {key}.role {s['role']!r} is not one of {', '.join(ROLES)}")
         prefix = str(s["prefix"])
         for suffix in (".bin", ".idx"):
-            if prefix.endswith(suffix):
-                prefix = prefix[: -len(suffix)]
+            prefix = prefix.removesuffix(suffix)
         prefix = str((path.parent / prefix).resolve()) if not os.path.isabs(prefix) else prefix
         src = Source(name, prefix, s["role"], s.get("filtered_from"))
         if src.role == "filtered" and not src.filtered_from:

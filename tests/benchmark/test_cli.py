@@ -99,6 +99,23 @@ def test_both_backends_trained_the_same_model_on_the_same_tokens(two_backends):
     assert abs(sdpa["loss"] - math.log(512)) < 0.5  # random tokens: about ln(vocab)
 
 
+def test_tensor_parallel_ranks_see_the_same_tokens(two_backends):
+    """TP=2 under torchrun trains the same model on the same tokens as one process."""
+    from megatron_sfm.testing.distributed import run_distributed
+
+    report, _ = two_backends
+    tp = run_distributed(f"{Path(__file__).parent / 'dist_bodies.py'}:bench_two_ranks", nproc=2,
+                         args={"config": TINY, "steps": 3, "warmup": 1,
+                               "overrides": ["parallel.tensor_model_parallel_size=2"]}, timeout=300)
+    assert check_report(tp) == []
+    assert tp["parallel"] == {"tensor": 2, "pipeline": 1, "data": 1}
+    (row,) = tp["rows"]
+    assert row["status"] == "ok", row["error"]
+    # each TP rank holds half the model; with different tokens per rank the loss would differ
+    assert row["loss"] == pytest.approx(report["rows"][0]["loss"], rel=1e-4)
+    assert row["tflops_per_gpu"] == pytest.approx(row["flops_per_step"] / row["step_time_s"]["mean"] / 2 / 1e12)
+
+
 def test_failed_rows_are_reported_and_sweeps_multiply_rows_under_srun_variables(tmp_path):
     out = tmp_path / "bench.json"
     slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}

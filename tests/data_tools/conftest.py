@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `import data_tools_helpers` in the tests
-from data_tools_helpers import make_texts  # noqa: E402
+from data_tools_helpers import make_texts
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from megatron_sfm.data_tools.filter import (
     AUDIT_KEY,
     DiscourseFilter,
@@ -16,6 +15,7 @@ from megatron_sfm.data_tools.filter import (
     normalize_term,
     run_filter,
 )
+
 from megatron_sfm.errors import SfmError
 
 # (label, expected rule or None, text). Labels: misaligned AI discourse, fiction about

@@ -7,8 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from megatron_sfm.data_tools.mix import load_spec, write_mix
+
 from megatron_sfm.errors import ConfigError
 
 SEQ = 32

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from megatron_sfm.data_tools.tokenize_corpus import tokenize_to_indexed
-from megatron_sfm.errors import SfmError
-
 from data_tools_helpers import write_jsonl
+from megatron_sfm.data_tools.tokenize_corpus import tokenize_to_indexed
+
+from megatron_sfm.errors import SfmError
 
 
 def _reference_preprocess_data(jsonl: Path, tokenizer_path: Path, prefix: Path, library: str = "huggingface") -> None:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from data_tools_helpers import make_texts
-
 from megatron_sfm.data_tools.tokenizer import load_tokenizer, train_bpe_tokenizer
+
 from megatron_sfm.errors import SfmError
 
 
@@ -64,7 +64,7 @@ def test_sentencepiece_round_trip(sp_dir, corpus_texts):
     assert (tok.kind, tok.eod_id, tok.pad_id) == ("sentencepiece", 2, 3)
     for t in corpus_texts[:100]:
         assert tok.decode(tok.encode(t)) == t
-    flat, lengths = tok.encode_batch(corpus_texts[:20])
+    flat, _ = tok.encode_batch(corpus_texts[:20])
     assert flat.tolist() == [i for t in corpus_texts[:20] for i in tok.encode(t)]
 
 
