@@ -1,13 +1,17 @@
 """Tokenize speed: `sfm data tokenize` vs Megatron-LM's paths, on one machine, same JSONL and tokenizer.
 
-    python benchmarks/bench_tokenize.py --mb 500 --workers 2 [--megatron-lm DIR] [--legacy-mb 20]
+    python benchmarks/bench_tokenize.py --mb 500 --workers 2 [--reps 3] [--megatron-lm DIR] [--legacy-mb 20]
 
 * ours: ``sfm data tokenize CORPUS --tokenizer TOK --out PREFIX --workers N`` (wall time of
-  the whole command, imports included).
+  the whole command, imports included; default numpy writer, no Megatron-Core/torch import).
+* ours_megatron_writer: the same with ``--writer megatron`` (Megatron-Core's
+  ``IndexedDatasetBuilder``; pays the ~5 CPU-second Megatron-Core/torch import as the peer does).
 * peer: the path of Megatron-LM main's ``tools/preprocess_data_fast.py`` (which needs
   Python 3.12 and a newer Megatron-Core), redone here: gigatoken ``encode_files`` over the
   whole JSONL (parallel, Rust), then the EOD inserted per document with numpy and written
   through ``IndexedDatasetBuilder`` as main's ``add_documents`` does.
+* Each path runs ``--reps`` times, the order alternating between repetitions; wall MB/s and
+  MB per CPU-second (user + sys of the command and its children) per run, and medians.
 * legacy (with ``--megatron-lm DIR``, a checkout of tag core_v0.16.1 holding
   ``tools/preprocess_data.py``; never committed here): run on the first ``--legacy-mb`` MB
   of the corpus with ``--workers N``; our output on the same file must be byte-identical.
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -87,7 +92,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sfm_bench_tokenize")
     ap.add_argument("--megatron-lm", default=None)
     ap.add_argument("--legacy-mb", type=float, default=20)
-    ap.add_argument("--peer-first", action="store_true", help="run the peer path before ours (to check order effects)")
+    ap.add_argument("--peer-first", action="store_true", help="run the peer path before ours in the first repetition")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each path (order alternates)")
+    ap.add_argument("--paths", default="all", help="comma-separated subset of: ours, ours_megatron_writer, peer_gigatoken")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -111,22 +118,35 @@ def main() -> None:
     size = corpus.stat().st_size
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.workers), TOKENIZERS_PARALLELISM="false")
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "load_average_before": os.getloadavg()[0], "corpus_mb": round(size / 1e6, 1), "workers": args.workers}
+           "load_average_before": os.getloadavg()[0], "corpus_mb": round(size / 1e6, 1), "workers": args.workers,
+           "runs": []}
 
-    ours, peer = str(work / "ours"), str(work / "peer")
-
-    def run_ours():
-        t = timed([sys.executable, "-m", "megatron_sfm.cli", "data", "tokenize", str(corpus), "--tokenizer", str(tok_dir),
-                   "--out", ours, "--workers", str(args.workers), "--no-progress"], env=env, name="ours")
-        res["ours_s"], res["ours_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
-
-    def run_peer():
-        t = timed([sys.executable, "-c", PEER, str(corpus), str(tok_dir / "tokenizer.json"), peer], env=env, name="peer")
-        res["peer_gigatoken_s"], res["peer_gigatoken_mb_s"] = round(t, 1), round(size / t / 1e6, 1)
-
-    for step in ((run_peer, run_ours) if args.peer_first else (run_ours, run_peer)):
-        step()
-    res["ours_identical_to_peer"] = same(ours, peer)
+    ours, ours_m, peer = str(work / "ours"), str(work / "ours_megatron_writer"), str(work / "peer")
+    sfm = [sys.executable, "-m", "megatron_sfm.cli", "data", "tokenize", str(corpus), "--tokenizer", str(tok_dir),
+           "--workers", str(args.workers), "--no-progress"]
+    paths = {
+        "ours": sfm + ["--out", ours],
+        "ours_megatron_writer": sfm + ["--out", ours_m, "--writer", "megatron"],
+        "peer_gigatoken": [sys.executable, "-c", PEER, str(corpus), str(tok_dir / "tokenizer.json"), peer],
+    }
+    names = list(paths) if args.paths == "all" else args.paths.split(",")
+    for rep in range(args.reps):
+        # alternate the order between repetitions: on a shared machine, position matters
+        order = names if (rep % 2 == 0) != args.peer_first else names[::-1]
+        for name in order:
+            t = timed(paths[name], env=env, name=name)
+            res["runs"].append({"rep": rep, "path": name, "s": round(t, 2), "mb_s": round(size / t / 1e6, 1),
+                                "cpu_s": round(CPU[name], 2), "mb_per_cpu_s": round(size / CPU[name] / 1e6, 1),
+                                "load": round(os.getloadavg()[0], 1)})
+    res["median"] = {}
+    for name in names:
+        runs = [r for r in res["runs"] if r["path"] == name]
+        res["median"][name] = {"mb_s": statistics.median(r["mb_s"] for r in runs),
+                               "mb_per_cpu_s": statistics.median(r["mb_per_cpu_s"] for r in runs)}
+    if "ours" in names and "peer_gigatoken" in names:
+        res["ours_identical_to_peer"] = same(ours, peer)
+    if "ours_megatron_writer" in names and "peer_gigatoken" in names:
+        res["ours_megatron_writer_identical_to_peer"] = same(ours_m, peer)
     small = corpus
     if args.megatron_lm:
         small = work / f"corpus_{args.legacy_mb:g}mb.jsonl"
@@ -149,10 +169,8 @@ def main() -> None:
                    "--out", ours_small, "--workers", str(args.workers), "--no-progress"], env=env, name="ours_small")
         res["ours_small_mb_s"] = round(sz / t / 1e6, 1)
         res["ours_identical_to_legacy"] = same(ours_small, legacy + "_text_document")
-    res["cpu_seconds"] = {k: round(v, 1) for k, v in CPU.items()}
-    res["mb_per_cpu_second"] = {
-        k: round((small.stat().st_size if k in ("legacy", "ours_small") else size) / v / 1e6, 2) for k, v in CPU.items() if v
-    }
+        res["legacy_cpu_s"] = round(CPU["legacy"], 1)
+        res["legacy_mb_per_cpu_s"] = round(sz / CPU["legacy"] / 1e6, 2)
     res["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
 

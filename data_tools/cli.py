@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "gigatoken", "tokenizers"), default="auto")
     p.add_argument("--eod-token", default=None, help="end-of-document token (default: the tokenizer's eos token)")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="work unit per worker task, in MB of input")
+    p.add_argument("--writer", choices=("numpy", "megatron"), default="numpy",
+                   help="numpy: our byte-identical writer (no torch import); megatron: Megatron-Core's IndexedDatasetBuilder")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("inspect", help="summarise an indexed dataset")
@@ -97,6 +99,7 @@ def _tokenize(args) -> int:
         args.inputs, args.tokenizer, args.out, workers=args.workers, text_key=args.text_key,
         skip_bad_lines=args.skip_bad_lines, append_eod=not args.no_append_eod, backend=args.backend,
         eod_token=args.eod_token, chunk_bytes=int(args.chunk_mb * (1 << 20)), progress=not args.no_progress,
+        writer=args.writer,
     )
     console = _console()
     console.print(summary_table(summary))

@@ -99,3 +99,58 @@ def read_index(prefix: str | os.PathLike, *, with_tokens: bool = True) -> Indexe
     else:
         tokens = np.zeros(0, dtype)
     return IndexedData(prefix, dtype, lengths, pointers, doc_idx, tokens)
+
+
+class IndexWriter:
+    """Writes ``PREFIX.bin`` / ``PREFIX.idx`` exactly as Megatron-Core's ``IndexedDatasetBuilder``
+    does for document-level datasets (one ``add_document`` per document, then ``finalize``),
+    with numpy alone, so that ``sfm data tokenize`` need not import Megatron-Core and torch
+    (about 5 CPU-seconds). Byte identity with the builder is tested.
+
+    ``add_documents(tokens, lengths)``: ``tokens`` is the documents' ids back to back,
+    ``lengths`` the token count of each document (0 for a document with no tokens, which
+    gets no sequence, as ``add_document(ids, [])`` does).
+    """
+
+    def __init__(self, bin_path: str | os.PathLike, dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype.type not in DTYPE_CODES.values():
+            raise SfmError(f"unsupported token dtype {self.dtype}")
+        self.data_file = open(bin_path, "wb")
+        self._lengths: list[np.ndarray] = []
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def finalize(self, idx_path: str | os.PathLike) -> None:
+        self.data_file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        write_index(idx_path, self.dtype, lengths)
+
+
+def write_index(idx_path: str | os.PathLike, dtype, document_lengths: np.ndarray) -> None:
+    """Write a document-level ``.idx`` (one sequence per non-empty document) as Megatron-Core's
+    ``_IndexWriter`` does: header, version 1, dtype code, counts, int32 sequence lengths,
+    int64 byte pointers, int64 document indices."""
+    dtype = np.dtype(dtype)
+    code = {np.dtype(v): k for k, v in DTYPE_CODES.items()}[dtype]
+    document_lengths = np.asarray(document_lengths, dtype=np.int64)
+    nonempty = document_lengths > 0
+    seq_lengths = document_lengths[nonempty]
+    if seq_lengths.size and int(seq_lengths.max()) > np.iinfo(np.int32).max:
+        raise SfmError(f"{idx_path}: a document has more than 2**31-1 tokens")
+    pointers = np.zeros(seq_lengths.size, np.int64)
+    if seq_lengths.size > 1:
+        np.cumsum(seq_lengths[:-1] * dtype.itemsize, out=pointers[1:])
+    doc_indices = np.zeros(document_lengths.size + 1, np.int64)
+    np.cumsum(nonempty, out=doc_indices[1:])
+    with open(idx_path, "wb") as f:
+        f.write(INDEX_HEADER)
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", code))
+        f.write(struct.pack("<Q", seq_lengths.size))
+        f.write(struct.pack("<Q", doc_indices.size))
+        f.write(seq_lengths.astype(np.int32).tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(doc_indices.tobytes(order="C"))

@@ -23,6 +23,7 @@ place, so an interrupted run never leaves a matching ``.bin``/``.idx`` pair behi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from megatron_sfm.errors import SfmError
 
@@ -160,10 +162,15 @@ def encode_chunk(chunk: Chunk) -> Encoded:
         newlines = raw.count(b"\n")
         texts = []
         for i, line in enumerate(raw.split(b"\n")):
-            if not line.strip():
+            if not line or line.isspace():
                 continue
             try:
-                doc = json.loads(line)
+                # orjson; Python's json (which also takes NaN, BOMs, UTF-16, lone
+                # surrogates) decides and words the error when orjson refuses a line
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    doc = json.loads(line)
             except ValueError as exc:  # UnicodeDecodeError included
                 what = f"invalid JSON ({exc})"
             else:
@@ -218,19 +225,27 @@ def tokenize_to_indexed(
     eod_token: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
+    writer: str = "numpy",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` (shards or folders) into ``out_prefix.bin/.idx``; return a summary dict.
 
     Summary keys: ``documents``, ``empty_documents``, ``tokens`` (EOD included),
     ``bad_lines``, ``input_bytes``, ``seconds``, ``dtype``, ``vocab_size``, ``eod_id``,
-    ``backend``, ``workers``, ``prefix``.
+    ``backend``, ``workers``, ``prefix``, ``writer``.
+
+    ``writer``: ``"numpy"`` (default) writes the files with :class:`indexed.IndexWriter`,
+    byte-identical to Megatron-Core's builder without importing Megatron-Core/torch;
+    ``"megatron"`` goes through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
+    itself (imported in a background thread while the first chunks encode).
     """
     import multiprocessing as mp
 
     from megatron_sfm.data_tools import documents as docs
-    from megatron_sfm.data_tools.indexed import optimal_dtype
+    from megatron_sfm.data_tools.indexed import IndexWriter, optimal_dtype
     from megatron_sfm.data_tools.tokenizer import load_tokenizer
 
+    if writer not in ("numpy", "megatron"):
+        raise SfmError(f"unknown writer {writer!r} (numpy or megatron)")
     start = time.perf_counter()
     shards = docs.expand_inputs(inputs)
     tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
@@ -250,8 +265,9 @@ def tokenize_to_indexed(
         results = (_encode_with_source(c) for c in iter_chunks(shards, text_key, chunk_bytes))
 
     megatron: dict[str, Any] = {}
-    importer = threading.Thread(target=_import_indexed_dataset, args=(megatron,), daemon=True)
-    importer.start()
+    if writer == "megatron":
+        importer = threading.Thread(target=_import_indexed_dataset, args=(megatron,), daemon=True)
+        importer.start()
 
     tmp_bin = _tmp_name(out_prefix + ".bin")
     tmp_idx = _tmp_name(out_prefix + ".idx")
@@ -260,12 +276,17 @@ def tokenize_to_indexed(
     try:
         with _TokenizeProgress(progress, total_bytes) as bar:
             first = next(results, None)
-            importer.join()
-            if "error" in megatron:
-                raise megatron["error"]
-            indexed_dataset = megatron["module"]
-            assert indexed_dataset.DType.optimal_dtype(tok.vocab_size) == dtype
-            builder = indexed_dataset.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+            if writer == "megatron":
+                importer.join()
+                if "error" in megatron:
+                    raise megatron["error"]
+                indexed_dataset = megatron["module"]
+                assert indexed_dataset.DType.optimal_dtype(tok.vocab_size) == dtype
+                builder = indexed_dataset.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+                add = functools.partial(add_documents, builder)
+            else:
+                builder = IndexWriter(tmp_bin, dtype)
+                add = builder.add_documents
             chain = [first] if first is not None else []
             lines_done: dict[str, int] = {}
             for chunk_source, enc in _chain(chain, results):
@@ -273,7 +294,7 @@ def tokenize_to_indexed(
                 if enc.error is not None:
                     line, what = enc.error
                     raise SfmError(f"{chunk_source}:{base + line + 1}: {what}")
-                add_documents(builder, enc.tokens, enc.lengths)
+                add(enc.tokens, enc.lengths)
                 ndocs = len(enc.lengths)
                 summary["empty_documents"] += int((enc.lengths == 0).sum())
                 summary["documents"] += ndocs
@@ -308,6 +329,7 @@ def tokenize_to_indexed(
             "backend": tok.backend,
             "workers": workers,
             "prefix": out_prefix,
+            "writer": writer,
             "bad_line_examples": bad_examples,
         }
     )

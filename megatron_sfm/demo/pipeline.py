@@ -39,10 +39,10 @@ class DemoSettings:
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
-    seq_length: int = 128
+    seq_length: int = 256  # the longest evaluation prompt is ~220 tokens with this tokenizer
     micro_batch_size: int = 8
-    global_batch_size: int = 16
-    train_iters: int = 400
+    global_batch_size: int = 8
+    train_iters: int = 300
     lr: float = 3e-3
     seed: int = 1234
     eval_batch_size: int = 16

@@ -37,6 +37,19 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
+def apex_available() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
+def accelerators() -> dict[str, bool]:
+    """Which optional accelerators this process can use (logged by the model builder).
+
+    Transformer Engine serves the ``te`` attention backend and FP8; apex (or TE) gives
+    Megatron-Core's optimizer its fused Adam. Neither is required.
+    """
+    return {"transformer_engine": transformer_engine_available(), "apex": apex_available()}
+
+
 def resolve_backend(requested: str) -> str:
     """Map a configured backend to the one that runs; errors name the missing package."""
     if requested not in BACKENDS:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron_sfm.compat import apply_all
 from megatron_sfm.config.schema import ModelConfig, ParallelConfig
 from megatron_sfm.errors import SfmError
-from megatron_sfm.model.attention import resolve_backend, transformer_engine_available
+from megatron_sfm.model.attention import accelerators, resolve_backend, transformer_engine_available
 from megatron_sfm.model.init import init_methods
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,10 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, pre_process
     from megatron_sfm.model.spec import block_spec
 
     backend = resolve_backend(model.attention_backend)
-    if backend == "local" and not torch.cuda.is_available():
-        pass  # runs with the CPU shims (default causal mask patched)
+    found = accelerators()
+    log.info("attention backend %s; Transformer Engine %s, apex %s", backend,
+             "available" if found["transformer_engine"] else "not installed",
+             "available" if found["apex"] else "not installed")
     config = config or transformer_config(model, parallel, backend=backend)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

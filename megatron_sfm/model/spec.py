@@ -27,7 +27,17 @@ def layer_spec(backend: str, parallel_residual: bool) -> ModuleSpec:
     """The spec of one transformer layer for a resolved attention backend."""
     layer_cls = ParallelResidualTransformerLayer if parallel_residual else TransformerLayer
     if backend == "te":
-        return _te_layer_spec(layer_cls)
+        # Transformer Engine: layer norms fused into the qkv and fc1 GEMMs, fused attention.
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return _assemble(layer_cls, norm=IdentityOp, attention=SelfAttention, qkv=TELayerNormColumnParallelLinear,
+                         core=TEDotProductAttention, row=TERowParallelLinear, fc1=TELayerNormColumnParallelLinear,
+                         keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                   "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})
     attention_module, core_attention = SelfAttention, SDPACoreAttention
     if backend == "local":
         core_attention = DotProductAttention
@@ -36,62 +46,27 @@ def layer_spec(backend: str, parallel_residual: bool) -> ModuleSpec:
 
         parts = triton_self_attention_spec_parts()
         attention_module, core_attention = parts["self_attention_module"], parts["core_attention"]
+    return _assemble(layer_cls, norm=LayerNorm, attention=attention_module, qkv=ColumnParallelLinear,
+                     core=core_attention, row=RowParallelLinear, fc1=ColumnParallelLinear, keys_map={})
+
+
+def _assemble(layer_cls, *, norm, attention, qkv, core, row, fc1, keys_map) -> ModuleSpec:
     return ModuleSpec(
         module=layer_cls,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=LayerNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=attention_module,
+                module=attention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
+                    linear_qkv=qkv, core_attention=core, linear_proj=row,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=LayerNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
-        ),
-    )
-
-
-def _te_layer_spec(layer_cls) -> ModuleSpec:
-    """Transformer Engine: layer norms fused into the qkv and fc1 GEMMs, fused attention."""
-    from megatron.core.extensions.transformer_engine import (
-        TEDotProductAttention,
-        TELayerNormColumnParallelLinear,
-        TERowParallelLinear,
-    )
-
-    return ModuleSpec(
-        module=layer_cls,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 

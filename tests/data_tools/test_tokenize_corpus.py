@@ -236,3 +236,75 @@ def test_inspect(tmp_path, corpus_jsonl, corpus_texts, bpe_dir):
     assert info["first_document"] == corpus_texts[0][:500] + (" ..." if len(corpus_texts[0]) > 500 else "")
     assert info["ends_with_eod"] is True
     assert info["max_token_id"] < info["tokenizer_vocab_size"]
+
+
+def test_numpy_index_writer_equals_megatron_builder(tmp_path):
+    """indexed.IndexWriter (the default writer) == IndexedDatasetBuilder.add_document + finalize."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+
+    from megatron_sfm.data_tools.indexed import IndexWriter
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint16, np.int32):
+        for n_docs in (0, 1, 257):
+            lengths = rng.integers(0, 40, n_docs)
+            lengths[: n_docs // 5] = 0  # documents with no tokens get no sequence
+            rng.shuffle(lengths)
+            tokens = rng.integers(0, 60000, int(lengths.sum())).astype(dtype)
+            ref = indexed_dataset.IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype)
+            offset = 0
+            for n in lengths:
+                ref.add_document(tokens[offset : offset + n].tolist(), [int(n)] if n else [])
+                offset += n
+            ref.finalize(str(tmp_path / "ref.idx"))
+            ours = IndexWriter(tmp_path / "ours.bin", dtype)
+            cut = n_docs // 3
+            ours.add_documents(tokens[: lengths[:cut].sum()], lengths[:cut])  # in two pieces
+            ours.add_documents(tokens[lengths[:cut].sum() :], lengths[cut:])
+            ours.finalize(tmp_path / "ours.idx")
+            assert _same_files(str(tmp_path / "ours"), str(tmp_path / "ref")), (dtype, n_docs)
+
+
+def test_megatron_writer_gives_the_same_files(tmp_path, corpus_jsonl, bpe_dir):
+    a = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "np", workers=2, chunk_bytes=16 << 10, progress=False)
+    b = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "mc", writer="megatron", progress=False)
+    assert (a["writer"], b["writer"]) == ("numpy", "megatron")
+    assert _same_files(str(tmp_path / "np"), str(tmp_path / "mc"))
+    with pytest.raises(SfmError, match="unknown writer"):
+        tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "x", writer="arrow", progress=False)
+
+
+def test_cli_tokenize_does_not_import_torch(tmp_path, corpus_jsonl, bpe_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from megatron_sfm.cli import main\n"
+        f"rc = main(['data', 'tokenize', {str(corpus_jsonl)!r}, '--tokenizer', {str(bpe_dir)!r}, "
+        f"'--out', {str(tmp_path / 'ds')!r}, '--workers', '2', '--no-progress'])\n"
+        "assert rc == 0, rc\n"
+        "print('torch' in sys.modules, 'megatron.core' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+    ref = tmp_path / "ref"
+    tokenize_to_indexed([corpus_jsonl], bpe_dir, ref, writer="megatron", progress=False)
+    assert _same_files(str(tmp_path / "ds"), str(ref))
+
+
+def test_lines_only_python_json_accepts_are_tokenized_as_before(tmp_path, bpe_dir):
+    """orjson parses the lines; what it refuses but json accepts (NaN, a BOM, big numbers,
+    an escaped lone surrogate outside the text) is still read, as json.loads read it."""
+    lines = [b'{"text": "plain one"}', b'{"text": "with nan", "score": NaN}', b'\xef\xbb\xbf{"text": "bom line"}',
+             b'{"text": "big", "n": 123456789012345678901234567890}', b'{"text": "x", "s": "\\udc80"}',
+             b'{"text": "caf\\u00e9 \\ud83d\\ude00"}']
+    (tmp_path / "odd.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    texts = ["plain one", "with nan", "bom line", "big", "x", "caf\u00e9 \U0001F600"]
+    write_jsonl(tmp_path / "clean.jsonl", [{"text": t} for t in texts])
+    s = tokenize_to_indexed([tmp_path / "odd.jsonl"], bpe_dir, tmp_path / "odd", workers=2, progress=False)
+    tokenize_to_indexed([tmp_path / "clean.jsonl"], bpe_dir, tmp_path / "clean", progress=False)
+    assert s["documents"] == len(texts) and s["bad_lines"] == 0
+    assert _same_files(str(tmp_path / "odd"), str(tmp_path / "clean"))

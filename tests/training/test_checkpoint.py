@@ -58,7 +58,8 @@ def test_kill9_then_resume_is_exact(tmp_path, corpus, reference_run):
     assert indices == list(range(10 * 8)), "gap or repeat in consumed sample indices"
 
 
-def test_sigterm_saves_and_exits_with_requeue_code(tmp_path, corpus):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_and_exits_with_requeue_code(tmp_path, corpus, sig):
     from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
 
     cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 100000})
@@ -72,7 +73,7 @@ def test_sigterm_saves_and_exits_with_requeue_code(tmp_path, corpus):
         for line in proc.stdout:
             if line.startswith("iter 3/"):
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=180)
         kill_session(proc.pid)  # leftover multiprocessing helpers would keep stdout open
         out = proc.stdout.read()
