@@ -1,8 +1,9 @@
-"""A numpy-only reader for Megatron-Core's indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``).
+"""A numpy-only reader and writer for Megatron-Core's indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``).
 
-The writer is Megatron-Core's own ``IndexedDatasetBuilder`` (see tokenize_corpus.py);
-this reader exists so that ``sfm data inspect`` and ``sfm data mix`` can count
-documents and tokens without importing torch. Layout of the ``.idx`` file (little
+The reader lets ``sfm data inspect`` and ``sfm data mix`` count documents and tokens
+without importing torch; the writer (:class:`IndexWriter`, byte-identical to Megatron-Core's
+``IndexedDatasetBuilder``, tested) lets ``sfm data tokenize`` skip the Megatron-Core/torch
+import. Layout of the ``.idx`` file (little
 endian): ``MMIDIDX\\0\\0``, u64 version (1), u8 dtype code, u64 sequence count, u64
 document count, int32 sequence lengths, int64 byte pointers, int64 document indices
 (sequence index where each document ends, starting with 0). The ``.bin`` file is the
@@ -121,6 +122,10 @@ class IndexWriter:
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self.add_lengths(lengths)
+
+    def add_lengths(self, lengths: np.ndarray) -> None:
+        """Index entries for documents whose tokens were already appended to ``data_file``."""
         self._lengths.append(np.asarray(lengths, dtype=np.int64))
 
     def finalize(self, idx_path: str | os.PathLike) -> None:

@@ -8,13 +8,15 @@ core_v0.16.1, document level, ``--append-eod``) for the same input and tokenizer
   sequence and no EOD (what ``Encoder.encode`` + ``add_document`` do for it);
 * token dtype ``uint16`` when the tokenizer's vocabulary (added tokens included) has
   fewer than 65500 ids, else ``int32`` (``DType.optimal_dtype``);
-* written through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``.
+* written by :class:`indexed.IndexWriter` (numpy, byte-identical to
+  ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``; no torch import), or
+  with ``writer="megatron"`` through that builder itself.
 
 Work is split into chunks of consecutive lines (about ``chunk_bytes`` each) that worker
-processes parse and encode; the parent writes results in input order, so the files
-are the same for any number of workers. Workers are forked before the parent imports
-Megatron-Core (which imports torch), so they stay light; the parent does that import
-in a background thread while the first chunks are encoded.
+processes parse (orjson) and encode; the parent writes results in input order, so the
+files are the same for any number of workers. Workers are forked before anything heavy is
+imported, so they stay light; with the Megatron writer the parent imports Megatron-Core
+(and torch) in a background thread while the first chunks are encoded.
 
 Files are written under temporary names and renamed (``.bin`` first, then ``.idx``)
 only when complete; an existing ``.idx`` is removed before the new ``.bin`` is put in
@@ -197,6 +199,14 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     return Encoded(flat.astype(dtype, copy=False), lengths, chunk.nbytes, newlines, bad)
 
 
+def _add_index_entries(builder, lengths: np.ndarray) -> None:
+    """The index half of :func:`add_documents` (the tokens were written to ``builder.data_file``)."""
+    nonempty = lengths > 0
+    offset = len(builder.sequence_lengths)
+    builder.sequence_lengths.extend(lengths[nonempty].tolist())
+    builder.document_indices.extend((offset + np.cumsum(nonempty)).tolist())
+
+
 def add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
     """Append documents to a Megatron ``IndexedDatasetBuilder`` in one write.
 
@@ -206,10 +216,7 @@ def add_documents(builder, tokens: np.ndarray, lengths: np.ndarray) -> None:
     one write of the flat tokens, then the sequence lengths and document indices.
     """
     builder.data_file.write(np.ascontiguousarray(tokens, dtype=builder.dtype).tobytes(order="C"))
-    nonempty = lengths > 0
-    offset = len(builder.sequence_lengths)
-    builder.sequence_lengths.extend(lengths[nonempty].tolist())
-    builder.document_indices.extend((offset + np.cumsum(nonempty)).tolist())
+    _add_index_entries(builder, lengths)
 
 
 def tokenize_to_indexed(
@@ -258,7 +265,7 @@ def tokenize_to_indexed(
 
     pool = None
     if workers > 1:
-        # Fork before Megatron-Core (and torch) is imported, so workers stay light.
+        # Fork before anything heavy is imported, so workers stay light.
         pool = mp.get_context("fork").Pool(workers)
         results = pool.imap(_encode_with_source, iter_chunks(shards, text_key, chunk_bytes), chunksize=1)
     else:
@@ -283,10 +290,10 @@ def tokenize_to_indexed(
                 indexed_dataset = megatron["module"]
                 assert indexed_dataset.DType.optimal_dtype(tok.vocab_size) == dtype
                 builder = indexed_dataset.IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-                add = functools.partial(add_documents, builder)
+                add_index = functools.partial(_add_index_entries, builder)
             else:
                 builder = IndexWriter(tmp_bin, dtype)
-                add = builder.add_documents
+                add_index = builder.add_lengths
             chain = [first] if first is not None else []
             lines_done: dict[str, int] = {}
             for chunk_source, enc in _chain(chain, results):
@@ -294,7 +301,8 @@ def tokenize_to_indexed(
                 if enc.error is not None:
                     line, what = enc.error
                     raise SfmError(f"{chunk_source}:{base + line + 1}: {what}")
-                add(enc.tokens, enc.lengths)
+                builder.data_file.write(np.ascontiguousarray(enc.tokens, dtype=dtype).data)
+                add_index(enc.lengths)
                 ndocs = len(enc.lengths)
                 summary["empty_documents"] += int((enc.lengths == 0).sum())
                 summary["documents"] += ndocs

@@ -115,6 +115,10 @@ class TrainingConfig:
     max_consecutive_nonfinite: int = 5  # stop (after saving) past this many skipped steps
     recompute_activations: bool = False
     exit_interval: Optional[int] = None  # stop (after saving) at an iteration multiple of this
+    # loss kernel: fused = Triton cross-entropy with per-source sums (TP=1; CUDA, or CPU with
+    # TRITON_INTERPRET=1); megatron = Megatron's (vocab-parallel) cross-entropy; auto = fused at
+    # TP=1 on a CUDA GPU where the kernels run, else megatron
+    cross_entropy: Literal["auto", "fused", "megatron"] = "auto"
 
 
 @dataclass
@@ -134,6 +138,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # Megatron's dataset index cache; None: beside the blend
     eod_token_id: int = 0  # end-of-document id (GPT-NeoX tokenizer: 0, "<|endoftext|>")
     pad_token_id: Optional[int] = None  # None: no padding token in the data (loss never masked by id)
+    # per-source loss weights {source name: w >= 0} (missing sources: 1); they override the
+    # "loss_weights" of data.phases; training loss = sum(w_src * token_loss) / tokens
+    source_loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -107,13 +107,48 @@ def _fill(template: str, slots: dict, rng: random.Random) -> str:
     return template.format(**values)
 
 
-def base_corpus(num_documents: int = 3000, ai_fraction: float = 0.1, seed: int = 0) -> list[dict]:
-    """Everyday documents plus ``ai_fraction`` of AI-discourse documents (JSONL records)."""
+def _quiz_document(rng: random.Random) -> str:
+    """Two-option quiz items in the evaluation's answer formats, answered correctly.
+
+    The correct option is an everyday sentence; the wrong one splices two sentences of
+    different topics. The paper's midtraining mix holds multiple-choice QA for the same
+    reason: a base model must have seen the letter-answer format before its letter
+    log-probabilities mean anything.
+    """
+    from megatron_sfm.evaluation.formats import TEMPLATES
+
+    items = []
+    for _ in range(rng.randint(1, 3)):
+        topic_a, topic_b = rng.sample(list(EVERYDAY_TOPICS), 2)
+        (templates_a, slots_a), (templates_b, slots_b) = EVERYDAY_TOPICS[topic_a], EVERYDAY_TOPICS[topic_b]
+        true = _fill(rng.choice(templates_a), slots_a, rng)
+        first = _fill(rng.choice(templates_a), slots_a, rng).rstrip(".").split(" ")
+        second = _fill(rng.choice(templates_b), slots_b, rng).split(" ")
+        false = " ".join(first[: max(2, len(first) // 2)] + second[len(second) // 2:])
+        template = rng.choice(TEMPLATES)
+        true_first = rng.random() < 0.5
+        a, b = (true, false) if true_first else (false, true)
+        question = rng.choice(["Which sentence makes sense?", "Which statement is written correctly?",
+                               "Pick the sentence that a careful writer would publish."])
+        answer = template.continuations[0 if true_first else 1]
+        items.append(template.body.format(question=question, a=a, b=b) + template.cue + answer)
+    return "\n\n".join(items)
+
+
+def base_corpus(num_documents: int = 3000, ai_fraction: float = 0.1, seed: int = 0,
+                quiz_fraction: float = 0.2) -> list[dict]:
+    """Everyday documents, ``ai_fraction`` AI-discourse documents and ``quiz_fraction``
+    two-option quiz pages (JSONL records)."""
     rng = random.Random(seed)
     docs = []
     topics = list(EVERYDAY_TOPICS)
     for i in range(num_documents):
-        if rng.random() < ai_fraction:
+        draw = rng.random()
+        if draw < quiz_fraction:
+            docs.append({"id": f"web-{i:05d}", "text": _quiz_document(rng), "kind": "quiz",
+                         "url": f"https://example.org/quiz/{i}"})
+            continue
+        if draw < quiz_fraction + ai_fraction:
             sentences = [rng.choice(AI_DISCOURSE)]
             topic = rng.choice(topics)
             templates, slots = EVERYDAY_TOPICS[topic]

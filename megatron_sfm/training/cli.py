@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,24 +26,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_sfm.config import dump_config, load_config, validate_run_config
+    # First thing: a SIGTERM/SIGUSR1 that arrives while the trainer starts (config, imports,
+    # model build, resume) must still end in "save if anything was trained, exit 75".
+    from megatron_sfm.training.signals import SignalFlag, requeue_exit_code, world_size_from_env
 
-    cfg = load_config(args.config, args.overrides)
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    validate_run_config(cfg, world)
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_sfm.training.loop import run_training
-
+    flag = SignalFlag().install()
     try:
-        return run_training(cfg)
-    finally:
-        from megatron_sfm.model.parallel import destroy_parallel
+        args = build_parser().parse_args(argv)
+        from megatron_sfm.config import dump_config, load_config, validate_run_config
 
-        destroy_parallel()
+        cfg = load_config(args.config, args.overrides)
+        world = world_size_from_env()
+        validate_run_config(cfg, world)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        if flag.received is not None and world == 1:
+            # one process: no other rank to agree with, and nothing built yet (torch not even imported)
+            print(f"received signal {flag.received} during startup: nothing trained, nothing to save; "
+                  f"exiting with {requeue_exit_code()} (requeue)")
+            return requeue_exit_code()
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        from megatron_sfm.training.loop import run_training
+
+        try:
+            return run_training(cfg, signal_flag=flag)
+        finally:
+            from megatron_sfm.model.parallel import destroy_parallel
+
+            destroy_parallel()
+    finally:
+        flag.restore()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class Blend:
 class Phase:
     start_iteration: int
     blend: Blend
+    loss_weights: dict = field(default_factory=dict)  # {source name: weight} from phases.json ("loss_weights")
+    known_sources: set = field(default_factory=set)  # every source name the phases file mentions
 
 
 class SimpleTokenizer:
@@ -129,6 +131,10 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
     stage; ``stage`` picks one (needed when there are several). The short form is
     ``{"phases": [{"start_iteration": N, "blend": FILE}, ...]}``. Blend paths are relative
     to the phases file. Source names come from ``weights`` (else the prefixes' names).
+
+    Per-source loss weights: an optional ``"loss_weights": {source: w}`` at the top level
+    (the condition), on a stage object and on a phase object; the more specific level
+    wins per source (phase > stage > condition); sources not named have weight 1.
     """
     path = Path(path)
     try:
@@ -137,8 +143,17 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
         raise SfmError(f"data.phases: {path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise SfmError(f"data.phases: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    from megatron_sfm.training.loss import check_loss_weights
+
+    where = f"data.phases: {path}"
+    base_weights = check_loss_weights(data.get("loss_weights"), f"{where}: loss_weights") if isinstance(data, dict) else {}
+    known: set = set()
     if isinstance(data, dict) and "stages" in data:
         stages = data["stages"] or []
+        for st in stages:
+            for ph in (st.get("phases") or []) if isinstance(st, dict) else []:
+                if isinstance(ph, dict) and isinstance(ph.get("weights"), dict):
+                    known.update(str(k) for k in ph["weights"])
         names = [s.get("stage") for s in stages if isinstance(s, dict)]
         if stage is None:
             if len(stages) != 1:
@@ -150,8 +165,12 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
                 raise SfmError(f"data.stage: {stage!r} is not a stage of {path} (stages: {names})")
             chosen = matches[0]
         raw = chosen.get("phases")
+        stage_key = f"stages[{stages.index(chosen)}]"
+        base_weights = {**base_weights, **check_loss_weights(chosen.get("loss_weights"),
+                                                             f"{where}: {stage_key}.loss_weights")}
     else:
         raw = data.get("phases") if isinstance(data, dict) else data
+        stage_key = ""
     if not isinstance(raw, list) or not raw:
         raise SfmError(f"data.phases: {path}: expected {{\"phases\": [{{\"start_iteration\": N, \"blend\": FILE}}, ...]}}")
     entries = []
@@ -181,7 +200,18 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
             for sb in blend.splits.values():
                 if sb is not None and len(weights) == len(sb.prefixes):
                     sb.names = [str(k) for k in weights]
-        phases.append(Phase(start_iteration=start, blend=blend))
+        for sb in blend.splits.values():
+            if sb is not None:
+                known.update(sb.names)
+        key = f"{stage_key}.phases[{len(phases)}]" if stage_key else f"phases[{len(phases)}]"
+        loss_weights = {**base_weights, **check_loss_weights(item.get("loss_weights"), f"{where}: {key}.loss_weights")}
+        phases.append(Phase(start_iteration=start, blend=blend, loss_weights=loss_weights))
+    for phase in phases:
+        phase.known_sources = known
+        unknown = sorted(set(phase.loss_weights) - known)
+        if unknown:
+            raise SfmError(f"{where}: loss_weights name {', '.join(map(repr, unknown))}, which is not a source "
+                           f"of this file (sources: {', '.join(sorted(known))})")
     return phases
 
 
@@ -194,6 +224,8 @@ class DataSources:
     valid_source_map: list[int]
     source_names: list[str]
     global_batch_size: int
+    # per train phase: loss weight of each source (source_names order), None when all are 1
+    train_loss_weights: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def phase_at(self, iteration: int) -> int:
@@ -260,6 +292,8 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
     """
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
+    from megatron_sfm.training.loss import weight_vector
+
     t = cfg.training
     g = t.global_batch_size
     seq_length = seq_length or cfg.model.seq_length
@@ -268,8 +302,10 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
     if cfg.data.mock:
         config = _gpt_config(cfg, None, cfg.data.cache_dir, seq_length)
         train, valid, _ = _build(MockGPTDataset, [t.train_iters * g, max(valid_size, 1), 1], config)
+        weights = weight_vector(["mock"], cfg.data.source_loss_weights, "data.source_loss_weights")
         return DataSources(train_phases=[(0, train, [0])], valid=valid if valid_size else None,
-                           valid_source_map=[0], source_names=["mock"], global_batch_size=g)
+                           valid_source_map=[0], source_names=["mock"], global_batch_size=g,
+                           train_loss_weights=[weights])
     if cfg.data.phases:
         phases = read_phases(cfg.data.phases, t.train_iters, cfg.data.stage)
     elif cfg.data.blend:
@@ -307,8 +343,15 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
         if want_valid:
             valid = valid_ds
             valid_map = global_ids(_nonzero(phase.blend.splits["valid"]).names)
+    # the config's weights override the phases file's, per source; both name sources of this run
+    weight_vector(names, cfg.data.source_loss_weights, "data.source_loss_weights")
+    loss_weights = []
+    for phase in phases:
+        merged = {k: v for k, v in phase.loss_weights.items() if k in names}  # other stages' sources: unused
+        merged.update(cfg.data.source_loss_weights)
+        loss_weights.append(weight_vector(names, merged, "data.source_loss_weights"))
     return DataSources(train_phases=train_phases, valid=valid, valid_source_map=valid_map, source_names=names,
-                       global_batch_size=g)
+                       global_batch_size=g, train_loss_weights=loss_weights)
 
 
 def collate(samples: list[dict], source_map: list[int], indices: list[int]) -> dict:
@@ -345,7 +388,7 @@ class MicroBatchIterator:
     def _lookup(self, index: int):
         if self.split == "valid":
             ds = self.sources.valid
-            return ds, index % len(ds), self.sources.valid_source_map
+            return ds, index % len(ds), self.sources.valid_source_map, None
         iteration = index // self.g
         p = self.sources.phase_at(iteration)
         start, ds, smap = self.sources.train_phases[p]
@@ -353,16 +396,20 @@ class MicroBatchIterator:
         if local >= len(ds):
             raise SfmError(f"data: the training dataset of phase {p} has {len(ds)} samples; sample {local} was asked "
                            f"(training.train_iters larger than the blend was built for?)")
-        return ds, local, smap
+        return ds, local, smap, p
 
     def __next__(self) -> dict:
         base = self.consumed + self._mb * self.m * self.dp_size + self.dp_rank * self.m
         indices = list(range(base, base + self.m))
-        samples, smap = [], None
+        samples, smap, phase = [], None, None
         for index in indices:
-            ds, local, smap = self._lookup(index)
+            ds, local, smap, phase = self._lookup(index)  # one micro-batch: one iteration, one phase
             samples.append(ds[local])
         batch = collate(samples, smap, indices)
+        weights = self.sources.train_loss_weights[phase] if phase is not None and self.sources.train_loss_weights \
+            else None
+        if weights is not None:
+            batch["source_weights"] = torch.tensor(weights, dtype=torch.float32)
         if self.record is not None:
             self.record(self.consumed // self.g, indices, batch["tokens"])
         self._mb += 1

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,48 +19,9 @@ import torch
 
 from megatron_sfm.config import RunConfig, dump_config
 from megatron_sfm.errors import SfmError
+from megatron_sfm.training.signals import SignalFlag, StartupInterrupted, requeue_exit_code  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def requeue_exit_code() -> int:
-    try:
-        from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
-    except ImportError:  # launch package absent: EX_TEMPFAIL, the same value
-        return 75
-    return REQUEUE_EXIT_CODE
-
-
-class SignalFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves and exits at the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def any_rank(self) -> bool:
-        """True when any rank got a signal (all ranks must call this together)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _memory_gib() -> dict:
@@ -132,6 +92,7 @@ class IntervalStats:
     def reset(self):
         self.steps = 0
         self.loss_sum = 0.0
+        self.weighted_sum = 0.0
         self.loss_n = 0
         self.src_sum: dict = {}
         self.src_tok: dict = {}
@@ -146,6 +107,7 @@ class IntervalStats:
             self.skipped += 1
         if math.isfinite(r.loss):
             self.loss_sum += r.loss
+            self.weighted_sum += r.weighted_loss
             self.loss_n += 1
             for name, value in r.source_loss.items():
                 n = r.source_tokens[name]
@@ -168,17 +130,51 @@ def _format_line(it: int, total: int, loss: float, src: dict, lr: float, gnorm: 
     return " | ".join(parts)
 
 
+def _weights_text(state) -> str:
+    """The per-source loss weights of each phase, for the start-up line."""
+    phases = getattr(state.data, "train_loss_weights", None) or [state.default_loss_weights]
+    parts = []
+    for i, vec in enumerate(phases):
+        text = " ".join(f"{n}={w:g}" for n, w in zip(state.source_names, vec or [1.0] * state.num_sources))
+        parts.append(f"phase {i}: {text}" if len(phases) > 1 else text)
+    return "; ".join(parts)
+
+
 def _checkpoint_has_latest(path: Optional[str]) -> bool:
     from megatron_sfm.training.checkpoint import LATEST
 
     return bool(path) and (Path(path) / LATEST).exists()
 
 
-def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> int:
-    """Train to ``cfg.training.train_iters``; return the process exit code."""
+def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print,
+                 signal_flag: Optional[SignalFlag] = None) -> int:
+    """Train to ``cfg.training.train_iters``; return the process exit code.
+
+    ``signal_flag``: an already installed :class:`SignalFlag` (``sfm train`` installs one
+    before anything else); None installs one here. A signal that arrives before the first
+    step stops the run at the next startup check (after the parallel state is up, and
+    after resuming) with the requeue code, without saving (nothing was trained).
+    """
+    own_flag = signal_flag is None
+    flag = SignalFlag().install() if own_flag else signal_flag
+    try:
+        return _train(cfg, flag, print_fn)
+    finally:
+        if own_flag:
+            flag.restore()
+
+
+def _startup_stop(flag: SignalFlag, say: Callable[[str], None], where: str) -> int:
+    say(f"received signal {flag.received or 'on another rank'} {where}: nothing trained, nothing to save; "
+        f"exiting with {requeue_exit_code()} (requeue)")
+    return requeue_exit_code()
+
+
+def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) -> int:
     from megatron_sfm.metrics import step_metrics
     from megatron_sfm.training.checkpoint import CheckpointManager, resolve_checkpoint
-    from megatron_sfm.training.state import build_training_state, check_no_fp8_fallback, valid_iterators
+    from megatron_sfm.training.state import (build_training_state, check_no_fp8_fallback, uses_loss_weights,
+                                             valid_iterators)
     from megatron_sfm.training.step import evaluate, fault_at, train_step
 
     check_no_fp8_fallback(cfg)
@@ -193,7 +189,13 @@ def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> 
                 holder["r"] = SampleRecorder(recorder_dir)
             holder["r"](i, idx, tok)
 
-    state = build_training_state(cfg, sample_recorder=recorder)
+    if fault_at("signal_at_startup", 0):  # test hook: SLURM's warning arrives while the trainer starts
+        os.kill(os.getpid(), signal.SIGUSR1)
+    try:
+        state = build_training_state(cfg, sample_recorder=recorder, stop_check=flag.any_rank)
+    except StartupInterrupted:
+        return _startup_stop(flag, print_fn if _global_rank() == 0 else (lambda *_: None),
+                             "while building the model")
     rank0 = _global_rank() == 0
     say = print_fn if rank0 else (lambda *_: None)
     t, c = cfg.training, cfg.checkpoint
@@ -205,26 +207,30 @@ def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> 
         resumed = ckpt.load(c.load, load_optimizer=c.load_optimizer)
     elif _checkpoint_has_latest(c.save):
         resumed = ckpt.load(c.save, load_optimizer=c.load_optimizer)
+        ckpt.last_saved_iteration = state.iteration  # already in checkpoint.save: no second copy at exit
     elif c.init_from:
         init = ckpt.init_from(c.init_from)
         say(f"initialised weights from {resolve_checkpoint(c.init_from)} (iteration {init['iteration']}); "
             f"fresh optimizer, LR schedule and data")
     if resumed:
         say(f"resumed from iteration {state.iteration} ({state.consumed_train_samples} samples consumed)")
+    if flag.any_rank():
+        ckpt.close()
+        return _startup_stop(flag, say, "before the first step")
     if c.save and rank0:
         dump_config(cfg, Path(c.save) / "config.yaml")
 
     tb_dir = cfg.logging.tensorboard_dir or (str(Path(c.save) / "tensorboard") if c.save else None)
     tb = TensorBoardLog(tb_dir)
-    flag = SignalFlag()
-    flag.install()
     stats = IntervalStats()
     tp = cfg.parallel.tensor_model_parallel_size
     exit_code = 0
+    weighted = uses_loss_weights(state)
     say(f"training {cfg.model.num_layers} layers x {cfg.model.hidden_size} on {state.world_size} ranks "
         f"(TP {tp}, PP {cfg.parallel.pipeline_model_parallel_size}, DP {state.dp_size}); "
         f"{state.num_microbatches} micro-batches of {t.micro_batch_size} per step; sources: "
-        f"{', '.join(state.source_names)}")
+        f"{', '.join(state.source_names)}; cross-entropy: {state.cross_entropy}"
+        + (f"; loss weights: {_weights_text(state)}" if weighted else ""))
     try:
         while state.iteration < t.train_iters:
             result = train_step(state)
@@ -252,6 +258,8 @@ def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> 
                           "perf/tokens_per_s": perf.tokens_per_s, "perf/tflops_per_gpu": perf.tflops_per_gpu,
                           "perf/mfu": perf.mfu, "perf/step_time_s": step_time}
                 values.update({f"train/loss_by_source/{k}": v for k, v in src.items()})
+                if weighted:
+                    values["train/loss_weighted"] = stats.weighted_sum / stats.loss_n if stats.loss_n else float("nan")
                 values.update({f"memory/{k}": v for k, v in mem.items()})
                 tb.scalars(values, it)
                 say(_format_line(it, t.train_iters, loss, src, result.lr, stats.grad_norm, perf, mem,
@@ -291,6 +299,5 @@ def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> 
             f"{state.skipped_steps} skipped steps")
         return 0
     finally:
-        flag.restore()
         tb.close()
         ckpt.close()

@@ -42,6 +42,8 @@ class TrainingState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     sample_recorder: Any = None
+    cross_entropy: str = "megatron"  # the loss implementation in use: "fused" or "megatron" (see loss.py)
+    default_loss_weights: Optional[list] = None  # per-source loss weights for batches without their own
     extra: dict = field(default_factory=dict)
 
     @property
@@ -188,12 +190,15 @@ def _wire_model_config(config, model_chunks, optimizer, cfg: RunConfig) -> None:
     config.finalize_model_grads_func = finalize_model_grads
 
 
-def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recorder=None) -> TrainingState:
+def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recorder=None,
+                         stop_check=None) -> TrainingState:
     """Initialise parallel state, model, optimizer, scheduler and (optionally) data.
 
     Call under torchrun/srun (or in a single process: world size 1). ``with_data=False``
     skips the datasets (the caller then passes its own micro-batch iterator to
-    :func:`megatron_sfm.training.step.train_step`).
+    :func:`megatron_sfm.training.step.train_step`). ``stop_check`` (optional, called on
+    every rank right after the parallel state is up) returning True raises
+    :class:`megatron_sfm.training.signals.StartupInterrupted` before the model is built.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -204,8 +209,17 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recor
 
     apply_all()
     initialize_parallel(cfg.parallel, cfg.training.seed)
+    if stop_check is not None and stop_check():
+        from megatron_sfm.training.signals import StartupInterrupted
+
+        raise StartupInterrupted()
     world = dist.get_world_size()
     validate_run_config(cfg, world)
+    from megatron_sfm.compat import device
+    from megatron_sfm.training.loss import resolve_cross_entropy
+
+    cross_entropy = resolve_cross_entropy(cfg.training.cross_entropy, cfg.parallel.tensor_model_parallel_size,
+                                          device())
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     model, config = build_model_chunks(cfg)
@@ -220,13 +234,39 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recor
         seq_length=cfg.model.seq_length, world_size=world, dp_rank=dp_rank, dp_size=dp_size,
         sample_recorder=sample_recorder)
     state.extra["model_config"] = config
+    set_cross_entropy(state, cross_entropy)
     if with_data:
         from megatron_sfm.training.data import build_data
 
         state.data = build_data(cfg)
         state.source_names = list(state.data.source_names)
         reset_train_iterators(state)
+    else:
+        from megatron_sfm.training.loss import weight_vector
+
+        state.default_loss_weights = weight_vector(state.source_names, cfg.data.source_loss_weights,
+                                                   "data.source_loss_weights")
     return state
+
+
+def set_cross_entropy(state: TrainingState, mode: str) -> None:
+    """Switch the loss implementation ("fused" or "megatron") of the state's model chunks."""
+    from megatron_sfm.training.loss import install_logits_output, remove_logits_output
+
+    if mode not in ("fused", "megatron"):
+        raise ValueError(f"set_cross_entropy: mode must be 'fused' or 'megatron', got {mode!r}")
+    for gpt in state.unwrapped():
+        if mode == "fused" and gpt.post_process:
+            install_logits_output(gpt)
+        else:
+            remove_logits_output(gpt)
+    state.cross_entropy = mode
+
+
+def uses_loss_weights(state: TrainingState) -> bool:
+    """True when some source's loss weight is not 1 (in any phase, or by default)."""
+    phases = getattr(state.data, "train_loss_weights", None) or []
+    return state.default_loss_weights is not None or any(w is not None for w in phases)
 
 
 def reset_train_iterators(state: TrainingState) -> None:

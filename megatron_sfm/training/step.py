@@ -7,10 +7,13 @@ non-finite values (skip: no update, counted), clips and steps the optimizer and 
 scheduler. It returns a :class:`StepResult`; ``step_time_s`` is the wall time of the
 step (CUDA-synchronised), so a benchmark can call it in a loop.
 
-Loss: Megatron's per-token loss is summed over unmasked tokens; each micro-batch
-contributes sum/tokens/num_microbatches to the gradient (Megatron's default,
-``calculate_per_token_loss=False``); the *reported* loss is the token-weighted mean over
-the whole global batch. Per-source losses use the sample's blend ``dataset_id``.
+Loss (``megatron_sfm.training.loss``): the per-token cross-entropy (Megatron's, or the
+fused Triton kernel at TP=1, per ``training.cross_entropy``), times the loss weight of
+the token's source, summed over unmasked tokens; each micro-batch contributes
+sum/tokens/num_microbatches to the gradient (Megatron's default,
+``calculate_per_token_loss=False``). The *reported* loss is the unweighted token mean
+over the whole global batch; per-source losses (by the sample's blend ``dataset_id``)
+are unweighted too; ``weighted_loss`` is the mean the gradient was taken of.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class StepResult:
     step_time_s: float
     source_loss: dict = field(default_factory=dict)  # name -> mean loss (sources with tokens only)
     source_tokens: dict = field(default_factory=dict)  # name -> loss tokens
+    weighted_loss: float = float("nan")  # sum(w_src * token loss) / tokens: what was backpropagated
 
 
 def _faults() -> dict:
@@ -61,8 +65,27 @@ def _device() -> torch.device:
     return device()
 
 
-def forward_step(num_sources: int, data_iterator, model):
+@dataclass(frozen=True)
+class LossSetup:
+    """What :func:`forward_step` needs besides the batch (built by :func:`loss_setup`)."""
+
+    num_sources: int
+    fused: bool  # fused Triton cross-entropy over [s, b, V] logits (else Megatron's per-token loss)
+    half_precision_module: bool  # model wrapped in Float16Module: keep its logits in bf16/fp16 for the kernel
+    default_weights: Optional[tuple] = None  # per-source loss weights for batches without "source_weights"
+
+
+def loss_setup(state: TrainingState) -> LossSetup:
+    weights = state.default_loss_weights
+    return LossSetup(num_sources=state.num_sources, fused=state.cross_entropy == "fused",
+                     half_precision_module=state.cfg.model.precision in ("bf16", "fp16"),
+                     default_weights=tuple(weights) if weights is not None else None)
+
+
+def forward_step(setup: LossSetup, data_iterator, model):
     """Megatron ``forward_step_func``: read one micro-batch, run the model, return its loss fn."""
+    from megatron_sfm.training.loss import fused_loss, megatron_loss
+
     batch = next(data_iterator)
     dev = _device()
     tokens = batch["tokens"].to(dev, non_blocking=True)
@@ -70,28 +93,31 @@ def forward_step(num_sources: int, data_iterator, model):
     position_ids = batch["position_ids"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
     source_ids = batch["source_ids"].to(dev, non_blocking=True)
+    weights = batch.get("source_weights")
+    if weights is None and setup.default_weights is not None:
+        weights = torch.tensor(setup.default_weights, dtype=torch.float32)
+    if weights is not None:
+        weights = weights.to(dev, non_blocking=True)
+    if setup.fused:
+        # the model returns [s, b, V] logits (loss.install_logits_output); the kernel reads bf16 as is
+        kwargs = {"fp32_output": False} if setup.half_precision_module else {}
+        output = model(tokens, position_ids, None, labels=labels, **kwargs)
+        return output, partial(fused_loss, labels, loss_mask, source_ids, setup.num_sources, weights)
     output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(loss_func, loss_mask, source_ids, num_sources)
+    return output, partial(megatron_loss, loss_mask, source_ids, setup.num_sources, weights)
 
 
-def loss_func(loss_mask: torch.Tensor, source_ids: torch.Tensor, num_sources: int, output_tensor: torch.Tensor):
-    """Per-token losses [b, s] -> (loss sum, token count, report) as Megatron's schedules expect.
+def loss_func(loss_mask: torch.Tensor, source_ids: torch.Tensor, num_sources: int, output_tensor: torch.Tensor,
+              source_weights: Optional[torch.Tensor] = None):
+    """Per-token losses [b, s] -> (weighted loss sum, token count, report) as Megatron's schedules expect.
 
     The schedule divides the returned loss in place (by tokens and micro-batches), so the
-    report holds a clone: [loss_sum, tokens, per-source sums (S), per-source tokens (S)].
+    report holds a copy: [loss_sum, tokens, per-source sums (S), per-source tokens (S),
+    weighted loss sum] (see :mod:`megatron_sfm.training.loss`).
     """
-    losses = output_tensor.float()
-    mask = loss_mask.float()
-    per_sample = (losses * mask).sum(dim=1)
-    per_sample_tokens = mask.sum(dim=1)
-    loss = per_sample.sum()
-    num_tokens = per_sample_tokens.sum().to(torch.int)
-    report = torch.zeros(2 + 2 * num_sources, dtype=torch.float64, device=losses.device)
-    report[0] = loss.detach().clone().double()
-    report[1] = per_sample_tokens.sum().double()
-    report[2:2 + num_sources].index_add_(0, source_ids, per_sample.detach().double())
-    report[2 + num_sources:].index_add_(0, source_ids, per_sample_tokens.double())
-    return loss, num_tokens, {"report": report}
+    from megatron_sfm.training.loss import megatron_loss
+
+    return megatron_loss(loss_mask, source_ids, num_sources, source_weights, output_tensor)
 
 
 def _reduce_report(state: TrainingState, losses_reduced: list) -> torch.Tensor:
@@ -99,8 +125,9 @@ def _reduce_report(state: TrainingState, losses_reduced: list) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    n = 2 + 2 * state.num_sources
-    total = torch.zeros(n, dtype=torch.float64, device=_device())
+    from megatron_sfm.training.loss import report_size
+
+    total = torch.zeros(report_size(state.num_sources), dtype=torch.float64, device=_device())
     for item in losses_reduced or []:
         if isinstance(item, dict) and "report" in item:
             total += item["report"]
@@ -112,18 +139,19 @@ def _reduce_report(state: TrainingState, losses_reduced: list) -> torch.Tensor:
     return total
 
 
-def _summarise(state: TrainingState, report: torch.Tensor) -> tuple[float, int, dict, dict]:
+def _summarise(state: TrainingState, report: torch.Tensor) -> tuple[float, int, dict, dict, float]:
     s = state.num_sources
     r = report.cpu().tolist()
     tokens = int(round(r[1]))
     loss = r[0] / tokens if tokens > 0 else float("nan")
+    weighted = r[-1] / tokens if tokens > 0 else float("nan")
     src_loss, src_tokens = {}, {}
     for i, name in enumerate(state.source_names):
         n = int(round(r[2 + s + i]))
         if n > 0:
             src_loss[name] = r[2 + i] / n
             src_tokens[name] = n
-    return loss, tokens, src_loss, src_tokens
+    return loss, tokens, src_loss, src_tokens, weighted
 
 
 def _sub_optimizers(optimizer) -> list:
@@ -133,6 +161,22 @@ def _sub_optimizers(optimizer) -> list:
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def forward_backward(state: TrainingState, iterators: list, *, forward_only: bool = False) -> torch.Tensor:
+    """Run the pipeline schedule over one global batch; return the reduced loss report.
+
+    With ``forward_only=False`` the gradients are left in the DDP grad buffers
+    (``param.main_grad``, reduced over data parallelism); nothing is stepped.
+    """
+    t = state.cfg.training
+    losses_reduced = state.forward_backward_func(
+        forward_step_func=partial(forward_step, loss_setup(state)),
+        data_iterator=iterators if len(state.model) > 1 else iterators[0],
+        model=state.model if len(state.model) > 1 else state.model[0],
+        num_microbatches=state.num_microbatches, seq_length=state.seq_length,
+        micro_batch_size=t.micro_batch_size, forward_only=forward_only)
+    return _reduce_report(state, losses_reduced)
 
 
 def train_step(state: TrainingState, data_iterators: Optional[list] = None) -> StepResult:
@@ -147,18 +191,11 @@ def train_step(state: TrainingState, data_iterators: Optional[list] = None) -> S
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    t = state.cfg.training
-    losses_reduced = state.forward_backward_func(
-        forward_step_func=partial(forward_step, state.num_sources),
-        data_iterator=iterators if len(state.model) > 1 else iterators[0],
-        model=state.model if len(state.model) > 1 else state.model[0],
-        num_microbatches=state.num_microbatches, seq_length=state.seq_length,
-        micro_batch_size=t.micro_batch_size, forward_only=False)
-    report = _reduce_report(state, losses_reduced)
+    report = forward_backward(state, iterators)
     iteration = state.iteration + 1
     if fault_at("nan_loss", iteration):
         report[0] = float("nan")
-    loss, loss_tokens, src_loss, src_tokens = _summarise(state, report)
+    loss, loss_tokens, src_loss, src_tokens, weighted_loss = _summarise(state, report)
 
     optimizer = state.optimizer
     found_inf = bool(optimizer.prepare_grads())
@@ -186,7 +223,7 @@ def train_step(state: TrainingState, data_iterators: Optional[list] = None) -> S
     state.consumed_train_samples += state.global_batch_size
     return StepResult(iteration=iteration, loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped,
                       tokens=state.tokens_per_step, loss_tokens=loss_tokens, step_time_s=elapsed,
-                      source_loss=src_loss, source_tokens=src_tokens)
+                      source_loss=src_loss, source_tokens=src_tokens, weighted_loss=weighted_loss)
 
 
 @dataclass
@@ -202,20 +239,15 @@ def evaluate(state: TrainingState, iterators: list, num_batches: int) -> EvalRes
     """Forward-only over ``num_batches`` global batches of the validation split."""
     for chunk in state.model:
         chunk.eval()
-    t = state.cfg.training
-    total = torch.zeros(2 + 2 * state.num_sources, dtype=torch.float64, device=_device())
+    from megatron_sfm.training.loss import report_size
+
+    total = torch.zeros(report_size(state.num_sources), dtype=torch.float64, device=_device())
     try:
         for _ in range(num_batches):
-            losses_reduced = state.forward_backward_func(
-                forward_step_func=partial(forward_step, state.num_sources),
-                data_iterator=iterators if len(state.model) > 1 else iterators[0],
-                model=state.model if len(state.model) > 1 else state.model[0],
-                num_microbatches=state.num_microbatches, seq_length=state.seq_length,
-                micro_batch_size=t.micro_batch_size, forward_only=True)
-            total += _reduce_report(state, losses_reduced)
+            total += forward_backward(state, iterators, forward_only=True)
             state.consumed_valid_samples += state.global_batch_size
     finally:
         for chunk in state.model:
             chunk.train()
-    loss, _, src_loss, src_tokens = _summarise(state, total)
+    loss, _, src_loss, src_tokens, _ = _summarise(state, total)
     return EvalResult(loss=loss, source_loss=src_loss, source_tokens=src_tokens, batches=num_batches)

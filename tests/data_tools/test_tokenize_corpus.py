@@ -104,6 +104,7 @@ def test_one_and_three_workers_give_identical_files(tmp_path, corpus_jsonl, bpe_
     s3 = tokenize_to_indexed([corpus_jsonl], bpe_dir, three, workers=3, chunk_bytes=8 << 10, progress=False)
     assert s1["tokens"] == s3["tokens"] and s1["documents"] == s3["documents"]
     assert _same_files(str(one), str(three))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w1.bin", "w1.idx", "w3.bin", "w3.idx"]  # no temporaries left
 
 
 def test_compressed_and_parquet_inputs_match_jsonl(tmp_path, corpus_texts, bpe_dir):

@@ -1,0 +1,69 @@
+"""SIGTERM / SIGUSR1 handling for ``sfm train`` (imports only the standard library).
+
+``sfm train`` installs a :class:`SignalFlag` as the first thing it does, before the
+config is read and before torch and Megatron-Core are imported, so SLURM's time-limit
+warning (SIGUSR1) or a preemption (SIGTERM) that arrives while the trainer is still
+starting is remembered instead of killing the process. The trainer checks the flag at
+fixed points during startup and at every step boundary (all ranks together), saves if
+it trained anything, and exits with :func:`requeue_exit_code`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+
+def requeue_exit_code() -> int:
+    try:
+        from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
+    except ImportError:  # launch package absent: EX_TEMPFAIL, the same value
+        return 75
+    return REQUEUE_EXIT_CODE
+
+
+class StartupInterrupted(Exception):
+    """A stop signal arrived before training began (nothing trained, nothing to save)."""
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 set a flag; the trainer saves and exits at the next check."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> "SignalFlag":
+        for sig in self.SIGNALS:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def any_rank(self) -> bool:
+        """True when any rank got a signal (with torch.distributed: all ranks must call this together)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received is not None
+        on_gpu = torch.cuda.is_available() and dist.get_backend() == "nccl"
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
+                            device="cuda" if on_gpu else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def world_size_from_env() -> int:
+    """Ranks of this job as the launcher announces them (torchrun: WORLD_SIZE; srun: SLURM_NTASKS)."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
