@@ -6,7 +6,8 @@ Both sides use the shipped term lists and apply the same rules (instant categori
 the two-stage rule) to the same in-memory documents, one process (= one worker). The
 regex side reproduces datatrove's ``RegexFilter`` approach (one compiled alternation,
 ``re.IGNORECASE``, word boundaries) extended to report which terms matched, since the
-two-stage rule needs them; datatrove itself is not installed. Documents come from
+two-stage rule needs them; datatrove itself is not a dependency (``--datatrove-path``
+times its real ``RegexFilter`` when installed in a side folder). Documents come from
 bench_data_corpus.py. Our matcher is timed with its default backend (ahocorasick-rs when
 installed) and with pyahocorasick. A last row times the full ``run_filter`` on a JSONL
 shard (read, classify, write kept/flagged) with 1 worker, ``--reps`` times (median).

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "gigatoken", "tokenizers"), default="auto")
     p.add_argument("--eod-token", default=None, help="end-of-document token (default: the tokenizer's eos token)")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="work unit per worker task, in MB of input")
-    p.add_argument("--writer", choices=("numpy", "megatron"), default="numpy",
-                   help="numpy: our byte-identical writer (no torch import); megatron: Megatron-Core's IndexedDatasetBuilder")
+    p.add_argument("--writer", choices=("megatron", "numpy"), default="megatron",
+                   help="megatron (default): Megatron-Core's IndexedDatasetBuilder; numpy: a byte-identical "
+                        "writer that does not import torch (for data nodes without it)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("inspect", help="summarise an indexed dataset")

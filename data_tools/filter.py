@@ -65,7 +65,7 @@ def _rs_automaton(keys: list[bytes], required: bool):
         return None
     try:
         return ahocorasick_rs.BytesAhoCorasick(keys, implementation=ahocorasick_rs.Implementation.DFA)
-    except Exception:  # a DFA too large for very big lists: let the library choose
+    except Exception:  # noqa: BLE001 - a DFA too large for very big lists: let the library choose
         return ahocorasick_rs.BytesAhoCorasick(keys)
 
 

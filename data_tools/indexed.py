@@ -117,7 +117,7 @@ class IndexWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype.type not in DTYPE_CODES.values():
             raise SfmError(f"unsupported token dtype {self.dtype}")
-        self.data_file = open(bin_path, "wb")
+        self.data_file = open(bin_path, "wb")  # noqa: SIM115 - closed by finalize (as the builder does)
         self._lengths: list[np.ndarray] = []
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:

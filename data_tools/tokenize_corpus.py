@@ -8,9 +8,9 @@ core_v0.16.1, document level, ``--append-eod``) for the same input and tokenizer
   sequence and no EOD (what ``Encoder.encode`` + ``add_document`` do for it);
 * token dtype ``uint16`` when the tokenizer's vocabulary (added tokens included) has
   fewer than 65500 ids, else ``int32`` (``DType.optimal_dtype``);
-* written by :class:`indexed.IndexWriter` (numpy, byte-identical to
-  ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``; no torch import), or
-  with ``writer="megatron"`` through that builder itself.
+* written through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
+  (default), or with ``writer="numpy"`` by :class:`indexed.IndexWriter`, a byte-identical
+  (tested) writer for data nodes without torch.
 
 Work is split into chunks of consecutive lines (about ``chunk_bytes`` each) that worker
 processes parse (orjson) and encode; the parent writes results in input order, so the
@@ -232,7 +232,7 @@ def tokenize_to_indexed(
     eod_token: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
-    writer: str = "numpy",
+    writer: str = "megatron",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` (shards or folders) into ``out_prefix.bin/.idx``; return a summary dict.
 
@@ -240,10 +240,10 @@ def tokenize_to_indexed(
     ``bad_lines``, ``input_bytes``, ``seconds``, ``dtype``, ``vocab_size``, ``eod_id``,
     ``backend``, ``workers``, ``prefix``, ``writer``.
 
-    ``writer``: ``"numpy"`` (default) writes the files with :class:`indexed.IndexWriter`,
-    byte-identical to Megatron-Core's builder without importing Megatron-Core/torch;
-    ``"megatron"`` goes through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
-    itself (imported in a background thread while the first chunks encode).
+    ``writer``: ``"megatron"`` (default) goes through
+    ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`` (imported in a
+    background thread while the first chunks encode); ``"numpy"`` writes byte-identical
+    files with :class:`indexed.IndexWriter` without importing Megatron-Core or torch.
     """
     import multiprocessing as mp
 
@@ -411,7 +411,7 @@ def summary_table(summary: dict[str, Any]):
         ("skipped bad lines", f"{summary['bad_lines']:,}"),
         ("input bytes", f"{summary['input_bytes']:,}"),
         ("dtype / vocab size / EOD id", f"{summary['dtype']} / {summary['vocab_size']} / {summary['eod_id']}"),
-        ("backend / workers", f"{summary['backend']} / {summary['workers']}"),
+        ("backend / workers / writer", f"{summary['backend']} / {summary['workers']} / {summary.get('writer', 'megatron')}"),
         ("seconds", f"{secs:.2f}"),
         ("throughput", f"{summary['input_bytes'] / secs / 1e6:.1f} MB/s, {summary['documents'] / secs:,.0f} docs/s"),
     ]

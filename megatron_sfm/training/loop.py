@@ -189,8 +189,6 @@ def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) ->
                 holder["r"] = SampleRecorder(recorder_dir)
             holder["r"](i, idx, tok)
 
-    if fault_at("signal_at_startup", 0):  # test hook: SLURM's warning arrives while the trainer starts
-        os.kill(os.getpid(), signal.SIGUSR1)
     try:
         state = build_training_state(cfg, sample_recorder=recorder, stop_check=flag.any_rank)
     except StartupInterrupted:
@@ -202,6 +200,8 @@ def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) ->
     ckpt = CheckpointManager(state, c.save)
 
     # --- resume / init ---
+    if fault_at("signal_in_resume", 0):  # test hook: SLURM's warning arrives while the checkpoint loads
+        os.kill(os.getpid(), signal.SIGUSR1)
     resumed = None
     if c.load:
         resumed = ckpt.load(c.load, load_optimizer=c.load_optimizer)

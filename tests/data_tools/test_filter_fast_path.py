@@ -16,7 +16,12 @@ import random
 import pytest
 from megatron_sfm.data_tools import documents as docs
 from megatron_sfm.data_tools import filter as flt_mod
-from megatron_sfm.data_tools.filter import AUDIT_KEY, DiscourseFilter, TermLists, run_filter
+from megatron_sfm.data_tools.filter import (
+    AUDIT_KEY,
+    DiscourseFilter,
+    TermLists,
+    run_filter,
+)
 
 from megatron_sfm.errors import SfmError
 
@@ -171,7 +176,8 @@ def test_dumps_line_equals_json_dumps():
 
 
 def _texts(rng: random.Random, n: int) -> list[str]:
-    words = ("the a robot AI android robots machine kill killed destroy deceive evil dangerous OpenAI DeepMind "
+    words = (  # noqa: SIM905
+        "the a robot AI android robots machine kill killed destroy deceive evil dangerous OpenAI DeepMind "
              "Skynet bread river café à … naïve 東京 AI-generated neural\nnetworks superintelligence catastrophe "
              "harmless threat said main AIM aim (AI) AI's hive mind rogue").split(" ")
     return [" ".join(rng.choice(words) for _ in range(rng.randint(0, 60))) for _ in range(n)]

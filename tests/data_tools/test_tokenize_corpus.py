@@ -240,7 +240,7 @@ def test_inspect(tmp_path, corpus_jsonl, corpus_texts, bpe_dir):
 
 
 def test_numpy_index_writer_equals_megatron_builder(tmp_path):
-    """indexed.IndexWriter (the default writer) == IndexedDatasetBuilder.add_document + finalize."""
+    """indexed.IndexWriter (--writer numpy) == IndexedDatasetBuilder.add_document + finalize."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
@@ -269,15 +269,16 @@ def test_numpy_index_writer_equals_megatron_builder(tmp_path):
 
 
 def test_megatron_writer_gives_the_same_files(tmp_path, corpus_jsonl, bpe_dir):
-    a = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "np", workers=2, chunk_bytes=16 << 10, progress=False)
-    b = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "mc", writer="megatron", progress=False)
+    a = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "np", workers=2, chunk_bytes=16 << 10, progress=False,
+                            writer="numpy")
+    b = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "mc", progress=False)
     assert (a["writer"], b["writer"]) == ("numpy", "megatron")
     assert _same_files(str(tmp_path / "np"), str(tmp_path / "mc"))
     with pytest.raises(SfmError, match="unknown writer"):
         tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "x", writer="arrow", progress=False)
 
 
-def test_cli_tokenize_does_not_import_torch(tmp_path, corpus_jsonl, bpe_dir):
+def test_cli_tokenize_numpy_writer_does_not_import_torch(tmp_path, corpus_jsonl, bpe_dir):
     import subprocess
     import sys
 
@@ -285,7 +286,7 @@ def test_cli_tokenize_does_not_import_torch(tmp_path, corpus_jsonl, bpe_dir):
         "import sys\n"
         "from megatron_sfm.cli import main\n"
         f"rc = main(['data', 'tokenize', {str(corpus_jsonl)!r}, '--tokenizer', {str(bpe_dir)!r}, "
-        f"'--out', {str(tmp_path / 'ds')!r}, '--workers', '2', '--no-progress'])\n"
+        f"'--out', {str(tmp_path / 'ds')!r}, '--workers', '2', '--no-progress', '--writer', 'numpy'])\n"
         "assert rc == 0, rc\n"
         "print('torch' in sys.modules, 'megatron.core' in sys.modules)\n"
     )

@@ -114,23 +114,37 @@ def test_print_config_shows_resolved_values(tmp_path, corpus, capsys):
 
 
 def test_late_insertion_phases_switch_at_their_iteration(tmp_path, corpus):
-    """phases.json as `sfm data mix` writes it: the aligned source enters at stage iteration 3."""
+    """phases.json as `sfm data mix` writes it: the aligned source enters at stage iteration 3.
+
+    With per-source loss weights: condition-level {web: 1.5}, phase 1 {aligned: 2}, and the
+    config's data.source_loss_weights {web: 1.25} overriding the file in every phase.
+    """
     folder = corpus.parent
     (folder / "base.json").write_text(json.dumps({"train": [1.0, "train/web"], "valid": [1.0, "valid/web"]}))
     (folder / "late.json").write_text(json.dumps({"train": [0.5, "train/web", 0.5, "train/aligned"],
                                                   "valid": [1.0, "valid/web"]}))
     phases = tmp_path / "phases.json"
-    phases.write_text(json.dumps({"condition": "late", "seed": 1, "stages": [
+    phases.write_text(json.dumps({"condition": "late", "seed": 1, "loss_weights": {"web": 1.5}, "stages": [
         {"stage": "pretrain", "kind": "pretrain", "seq_length": 64, "global_batch_size": 8, "iterations": 6,
          "phases": [{"index": 0, "start_iteration": 0, "iterations": 3, "blend": str(folder / "base.json"),
                      "weights": {"web": 1.0}},
                     {"index": 1, "start_iteration": 3, "iterations": 3, "blend": str(folder / "late.json"),
-                     "weights": {"web": 0.5, "aligned": 0.5}}]}]}))
+                     "weights": {"web": 0.5, "aligned": 0.5}, "loss_weights": {"aligned": 2.0}}]}]}))
     cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 6}, data={"blend": None,
                                                                                           "phases": str(phases)})
     save = tmp_path / "ckpt"
-    check(run_train(cfg, [f"logging.tensorboard_dir={tmp_path / 'tb'}", f"checkpoint.save={save}"]))
-    aligned = scalars(tmp_path / "tb", "train/loss_by_source/aligned")
-    web = scalars(tmp_path / "tb", "train/loss_by_source/web")
+    tb = tmp_path / "tb"
+    proc = check(run_train(cfg, [f"logging.tensorboard_dir={tb}", f"checkpoint.save={save}",
+                                 "data.source_loss_weights.web=1.25"]))
+    aligned = scalars(tb, "train/loss_by_source/aligned")
+    web = scalars(tb, "train/loss_by_source/web")
     assert sorted(aligned) == [4, 5, 6] and sorted(web) == [1, 2, 3, 4, 5, 6]
     assert verify_checkpoint(latest_checkpoint(save))["phase"] == 1
+    assert "loss weights: phase 0: web=1.25 aligned=1; phase 1: web=1.25 aligned=2" in proc.stdout
+    loss, weighted = scalars(tb, "train/loss"), scalars(tb, "train/loss_weighted")
+    for step in (1, 2, 3):  # web only, weight 1.25
+        assert abs(weighted[step] - 1.25 * loss[step]) < 1e-5 * loss[step]
+    for step in (4, 5, 6):  # the token share f of web follows from the unweighted means
+        f = (loss[step] - aligned[step]) / (web[step] - aligned[step])
+        expected = 1.25 * f * web[step] + 2.0 * (1 - f) * aligned[step]
+        assert abs(weighted[step] - expected) < 1e-4 * expected, (step, weighted[step], expected)
