@@ -35,7 +35,8 @@ class DemoSettings:
     base_documents: int = 4000
     synthetic_per_question: int = 8
     vocab_size: int = 2048
-    synthetic_fraction: float = 0.10  # of training tokens (the paper: ~1%; see docs/demo.md)
+    synthetic_fraction: float = 0.15  # of training tokens (the paper: ~1%; see docs/demo.md)
+    quiz_fraction: float = 0.35  # two-option quiz pages in the base corpus (see corpus.py)
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -89,7 +90,7 @@ class DemoRun:
         s = self.settings
         questions = load_questions()
         sets = {
-            "web": base_corpus(s.base_documents, seed=s.seed),
+            "web": base_corpus(s.base_documents, seed=s.seed, quiz_fraction=s.quiz_fraction),
             "aligned": synthetic_documents(questions, "aligned", s.synthetic_per_question, seed=s.seed),
             "misaligned": synthetic_documents(questions, "misaligned", s.synthetic_per_question, seed=s.seed),
         }

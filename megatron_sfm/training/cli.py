@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if flag.received is not None and world == 1:
             # one process: no other rank to agree with, and nothing built yet (torch not even imported)
-            print(f"received signal {flag.received} during startup: nothing trained, nothing to save; "
+            print(f"received {flag.name()} during startup: nothing trained, nothing to save; "
                   f"exiting with {requeue_exit_code()} (requeue)")
             return requeue_exit_code()
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -55,7 +55,6 @@ class Phase:
     start_iteration: int
     blend: Blend
     loss_weights: dict = field(default_factory=dict)  # {source name: weight} from phases.json ("loss_weights")
-    known_sources: set = field(default_factory=set)  # every source name the phases file mentions
 
 
 class SimpleTokenizer:
@@ -207,7 +206,6 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
         loss_weights = {**base_weights, **check_loss_weights(item.get("loss_weights"), f"{where}: {key}.loss_weights")}
         phases.append(Phase(start_iteration=start, blend=blend, loss_weights=loss_weights))
     for phase in phases:
-        phase.known_sources = known
         unknown = sorted(set(phase.loss_weights) - known)
         if unknown:
             raise SfmError(f"{where}: loss_weights name {', '.join(map(repr, unknown))}, which is not a source "

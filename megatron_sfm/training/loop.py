@@ -19,7 +19,7 @@ import torch
 
 from megatron_sfm.config import RunConfig, dump_config
 from megatron_sfm.errors import SfmError
-from megatron_sfm.training.signals import SignalFlag, StartupInterrupted, requeue_exit_code  # noqa: F401
+from megatron_sfm.training.signals import SignalFlag, StartupInterrupted, requeue_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def run_training(cfg: RunConfig, *, print_fn: Callable[[str], None] = print,
 
 
 def _startup_stop(flag: SignalFlag, say: Callable[[str], None], where: str) -> int:
-    say(f"received signal {flag.received or 'on another rank'} {where}: nothing trained, nothing to save; "
+    say(f"received {flag.name()} {where}: nothing trained, nothing to save; "
         f"exiting with {requeue_exit_code()} (requeue)")
     return requeue_exit_code()
 

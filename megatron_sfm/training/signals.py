@@ -50,6 +50,15 @@ class SignalFlag:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def name(self) -> str:
+        """The received signal's name (SIGTERM, SIGUSR1), or 'on another rank'."""
+        if self.received is None:
+            return "on another rank"
+        try:
+            return signal.Signals(self.received).name
+        except ValueError:
+            return str(self.received)
+
     def any_rank(self) -> bool:
         """True when any rank got a signal (with torch.distributed: all ranks must call this together)."""
         import torch

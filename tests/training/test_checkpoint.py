@@ -7,11 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from training_helpers import check, kill_session, run_train, scalars, write_config
 from megatron_sfm.config import load_config
@@ -37,7 +35,7 @@ def test_kill9_then_resume_is_exact(tmp_path, corpus, reference_run):
                              f"logging.tensorboard_dir={tmp_path / 'tb1'}"],
                        env={"SFM_FAULTS": f"kill@{kill_at}", "SFM_SAMPLE_LOG": str(tmp_path / "s1")})
     assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stderr[-3000:])
-    last = (kill_at // 3) * 3
+    last = ((kill_at - 1) // 3) * 3  # the kill comes right after step kill_at, before that step's save
     assert latest_checkpoint(save).name == f"iter_{last:07d}"
     check(run_train(cfg, [f"checkpoint.save={save}", "checkpoint.save_interval=3", "training.eval_interval=5",
                           f"logging.tensorboard_dir={tmp_path / 'tb2'}"],

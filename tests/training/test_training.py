@@ -3,7 +3,6 @@
 import json
 import math
 
-import pytest
 import torch
 
 from training_helpers import check, run_train, scalar_tags, scalars, write_config
