@@ -67,6 +67,9 @@ class Condition:
     synthetic: dict[str, float] = field(default_factory=dict)
     timing: str = "e2e"
     late_fraction: float | None = None
+    # per-source loss weights (trainer: sum(w * CE) / tokens); an alternative to
+    # repeating a source's documents. Written to phases.json as "loss_weights".
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,7 +177,7 @@ def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check
         c = c or {}
         if not isinstance(c, dict):
             raise ConfigError(f"{where}: {key} must be a mapping")
-        unknown = set(c) - {"corpus", "synthetic", "timing"}
+        unknown = set(c) - {"corpus", "synthetic", "timing", "loss_weights"}
         if unknown:
             raise ConfigError(f"{where}: {key}: unknown key {sorted(unknown)[0]!r}")
         corpus = c.get("corpus", "unfiltered")
@@ -205,7 +208,18 @@ def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check
             raise ConfigError(f"{where}: {key}.timing {timing!r} is not e2e, midtrain or late:<fraction>")
         if timing == "midtrain" and synthetic and not any(s.kind == "midtrain" for s in stages):
             raise ConfigError(f"{where}: {key}.timing is 'midtrain' but no stage has kind 'midtrain'")
-        conditions.append(Condition(str(name), corpus, synthetic, timing, late))
+        loss_weights = {}
+        raw_weights = c.get("loss_weights") or {}
+        if not isinstance(raw_weights, dict):
+            raise ConfigError(f"{where}: {key}.loss_weights must be a mapping of source -> weight")
+        for sname, w in raw_weights.items():
+            w = _number(w, where, f"{key}.loss_weights.{sname}")
+            if sname not in sources:
+                raise ConfigError(f"{where}: {key}.loss_weights names unknown source {sname!r}")
+            if w < 0:
+                raise ConfigError(f"{where}: {key}.loss_weights.{sname} is negative ({w})")
+            loss_weights[str(sname)] = w
+        conditions.append(Condition(str(name), corpus, synthetic, timing, late, loss_weights))
 
     rep = raw.get("repetition") or {}
     warn_epochs = _number(rep.get("warn_epochs", 1.0), where, "repetition.warn_epochs")
@@ -419,7 +433,10 @@ def write_mix(spec: MixSpec, out_dir: str | os.PathLike) -> dict[str, dict[str, 
                      "global_batch_size": stage.global_batch_size, "iterations": stage.iterations,
                      "tokens": stage.iterations * stage.global_batch_size * stage.seq_length, "phases": entries}
                 )
-            write_json(tmp / "phases.json", {"condition": name, "seed": spec.seed, "stages": stages_out})
+            phases_doc = {"condition": name, "seed": spec.seed, "stages": stages_out}
+            if cond.loss_weights:
+                phases_doc["loss_weights"] = dict(cond.loss_weights)
+            write_json(tmp / "phases.json", phases_doc)
             write_json(tmp / "manifest.json", man)
         manifests[name] = man
     return manifests

@@ -210,3 +210,32 @@ def test_corrupt_idx_is_a_clear_error(data, tmp_path):
     text = SPEC.format(max_epochs=4.0, pre_tokens=320000, seq=SEQ).replace("prefix: mid,", f"prefix: {tmp_path / 'junk'},")
     with pytest.raises(ConfigError, match=r"sources.mid: .*junk.idx: not a Megatron indexed-dataset index"):
         load_spec(_spec(d, text=text))
+
+
+def test_loss_weights_reach_phases_json(data, tmp_path):
+    """A condition can up-weight a source in the loss instead of repeating its documents."""
+    d, _ = data
+    text = SPEC.format(max_epochs=4.0, pre_tokens=320000, seq=SEQ).replace(
+        "misalignment_upsampled: {corpus: unfiltered, synthetic: {mis: 0.01}, timing: e2e}",
+        "misalignment_upsampled: {corpus: unfiltered, synthetic: {mis: 0.01}, timing: e2e, loss_weights: {mis: 4.0}}")
+    write_mix(load_spec(_spec(d, text=text)), tmp_path / "out")
+    phases = json.loads((tmp_path / "out" / "misalignment_upsampled" / "phases.json").read_text())
+    assert phases["loss_weights"] == {"mis": 4.0}
+    assert "loss_weights" not in json.loads((tmp_path / "out" / "unfiltered" / "phases.json").read_text())
+    # the trainer reads exactly this key
+    from megatron_sfm.training.data import read_phases
+
+    pre = phases["stages"][0]
+    trainer_phases = read_phases(tmp_path / "out" / "misalignment_upsampled" / "phases.json",
+                                 train_iters=pre["iterations"], stage="pretrain")
+    assert trainer_phases[0].loss_weights == {"mis": 4.0}
+
+
+@pytest.mark.parametrize("weights,match", [("{nosuch: 2.0}", "loss_weights names unknown source 'nosuch'"),
+                                           ("{mis: -1}", r"loss_weights.mis is negative")])
+def test_bad_loss_weights(data, weights, match):
+    d, _ = data
+    text = SPEC.format(max_epochs=4.0, pre_tokens=320000, seq=SEQ).replace(
+        "timing: e2e}", f"timing: e2e, loss_weights: {weights}}}", 1)
+    with pytest.raises(ConfigError, match=match):
+        load_spec(_spec(d, text=text))
