@@ -37,8 +37,11 @@ def test_patched_targets_exist_with_expected_shape():
 
     assert "torch.cuda.current_device()" in inspect.getsource(RotaryEmbedding.get_emb)
     assert hasattr(mp_random, "_get_cuda_rng_state") and hasattr(mp_random, "_set_cuda_rng_state")
-    src = inspect.getsource(DistributedOptimizer._set_main_param_and_optimizer_states)
-    assert "for key in dst_tensors" in src or "self.optimizer.set_scaled_state" in src
+    # read the file, not the (possibly already patched) method
+    src = inspect.getsource(importlib.import_module("megatron.core.optimizer.distrib_optimizer"))
+    body = src[src.index("def _set_main_param_and_optimizer_states"):]
+    body = body[: body.index("\n    def ", 10)]
+    assert "for key in dst_tensors:" in body and "dst_tensors[key].copy_(tensors[key])" in body
     assert hasattr(DistributedOptimizer, "_init_optimizer_states_with_dummy_values")
 
 

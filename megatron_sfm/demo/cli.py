@@ -30,6 +30,14 @@ def main(argv: list[str]) -> int:
     console.print(f"[bold]megatron-sfm demo[/bold] -> {out} ({'fast' if args.fast else 'full'})")
     run = DemoRun(out, settings, console=console)
     summary = run.run(force=args.force)
+    from rich.table import Table
+
+    table = Table(title="demo stages")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, info in summary.items():
+        table.add_row(stage, f"{info.get('seconds', 0):.1f}")
+    console.print(table)
     console.print(f"\nresults: {out / 'results' / 'results.md'}, chart: {out / 'results' / 'propensity.png'}, "
                   f"TensorBoard: tensorboard --logdir {out / 'runs'}")
     return 0

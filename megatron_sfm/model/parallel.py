@@ -21,13 +21,16 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     apply_all()
     if not dist.is_initialized():
         _fill_env_from_slurm()
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(default_backend())
+        if "RANK" in os.environ:
+            dist.init_process_group(default_backend())  # env:// from torchrun / srun
+        else:
+            # A lone process: a private store on a free port. The environment is left
+            # alone, so child processes (tests, the demo) do not inherit a rank and a
+            # port that this process holds.
+            dist.init_process_group(default_backend(), init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

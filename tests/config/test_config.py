@@ -1,7 +1,5 @@
 """Typed configs: YAML, overrides, presets and validation errors that name the key."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest

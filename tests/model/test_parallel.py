@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from megatron_sfm.testing.distributed import run_distributed
 

@@ -8,7 +8,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_sfm.cli import main as sfm
-from megatron_sfm.config import ParallelConfig, load_config
+from megatron_sfm.config import load_config
 from megatron_sfm.model.flops import parameter_count, parameters_per_rank, training_flops
 from megatron_sfm.model.summary import summarize
 
