@@ -64,8 +64,14 @@ def test_filter_removed_ai_discourse(demo_dir):
 
 
 def test_rerun_skips_finished_stages(demo_dir):
+    import os
+
     out, _ = demo_dir
+    markers = sorted((out / ".stages").glob("*.done"))
+    assert len(markers) >= 8 + 4  # eight stages and one per trained condition
+    before = {m.name: m.stat().st_mtime_ns for m in markers}
     proc = subprocess.run([sys.executable, "-P", "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
-    assert proc.stdout.count("done before, skipped") >= 8
+    assert proc.stdout.count("done before, skipped") == 8
+    assert {m.name: m.stat().st_mtime_ns for m in (out / ".stages").glob("*.done")} == before
