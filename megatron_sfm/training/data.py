@@ -1,10 +1,8 @@
 """Training data: blends from ``sfm data mix`` through Megatron-Core's dataset builder.
 
-A *blend* file is JSON ``{"train": [w1, prefix1, w2, prefix2, ...], "valid": [...],
-"test": [...]}`` (prefixes of Megatron ``.bin``/``.idx`` pairs; relative prefixes are
-resolved against the blend file's folder). An optional ``"sources"`` list names the
-prefixes of each split (default: the prefix's file name); per-source losses are keyed
-by these names.
+A *blend* file (``{"train": [w1, prefix1, ...], "valid": [...], "test": [...]}``, with
+optional ``"sources"`` names) is read, and built into datasets, by
+``megatron_sfm.data_tools.blend``; per-source losses are keyed by its source names.
 
 A *phases* file (late insertion) is JSON ``{"phases": [{"start_iteration": 0, "blend":
 "a.json"}, {"start_iteration": 900, "blend": "b.json"}]}``: each phase trains on its own
@@ -19,7 +17,6 @@ number of consumed samples, and every layout sees the same micro-batches.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,24 +27,10 @@ import numpy as np
 import torch
 
 from megatron_sfm.config.schema import RunConfig
+from megatron_sfm.data_tools.blend import Blend, SimpleTokenizer, build_gpt_datasets, read_blend, read_json
 from megatron_sfm.errors import SfmError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid", "test")
-
-
-@dataclass
-class SplitBlend:
-    prefixes: list[str]
-    weights: Optional[list[float]]
-    names: list[str]
-
-
-@dataclass
-class Blend:
-    path: str
-    splits: dict[str, Optional[SplitBlend]]
 
 
 @dataclass
@@ -55,71 +38,6 @@ class Phase:
     start_iteration: int
     blend: Blend
     loss_weights: dict = field(default_factory=dict)  # {source name: weight} from phases.json ("loss_weights")
-
-
-class SimpleTokenizer:
-    """The few tokenizer fields Megatron's GPTDataset reads (ids only, no text)."""
-
-    def __init__(self, vocab_size: int, eod: int, pad: Optional[int]):
-        self.vocab_size = vocab_size
-        self.eod = eod
-        self._pad = pad
-        self.unique_identifiers = {"class": "SimpleTokenizer", "vocab_size": vocab_size, "eod": eod, "pad": pad}
-
-    @property
-    def pad(self) -> int:
-        if self._pad is None:
-            raise AttributeError("no pad token")  # GPTDataset then uses its own sentinel (-1)
-        return self._pad
-
-
-def _source_name(prefix: str) -> str:
-    return Path(prefix).name
-
-
-def read_blend(path: str | os.PathLike) -> Blend:
-    """Parse a blend JSON file; errors name the file and key."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SfmError(f"data.blend: {path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise SfmError(f"data.blend: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(data, dict) or "train" not in data:
-        raise SfmError(f"data.blend: {path}: expected an object with a 'train' list")
-    splits: dict[str, Optional[SplitBlend]] = {}
-    for split in SPLITS:
-        raw = data.get(split)
-        if raw in (None, []):
-            splits[split] = None
-            continue
-        if not isinstance(raw, list) or len(raw) % 2:
-            raise SfmError(f"data.blend: {path}: '{split}' must be a list [weight, prefix, weight, prefix, ...]")
-        weights, prefixes = [], []
-        for i in range(0, len(raw), 2):
-            w, prefix = raw[i], raw[i + 1]
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise SfmError(f"data.blend: {path}: '{split}'[{i}] must be a non-negative weight, got {w!r}")
-            if not isinstance(prefix, str):
-                raise SfmError(f"data.blend: {path}: '{split}'[{i + 1}] must be a path prefix, got {prefix!r}")
-            full = prefix if os.path.isabs(prefix) else str((path.parent / prefix).resolve())
-            for ext in (".bin", ".idx"):
-                if not os.path.exists(full + ext):
-                    raise SfmError(f"data.blend: {path}: '{split}' prefix {prefix!r}: {full + ext} not found")
-            weights.append(float(w))
-            prefixes.append(full)
-        names_raw = data.get("sources")
-        if isinstance(names_raw, dict):
-            names_raw = names_raw.get(split)
-        if isinstance(names_raw, list) and len(names_raw) == len(prefixes) and all(isinstance(n, str) for n in names_raw):
-            names = list(names_raw)
-        else:
-            names = [_source_name(p) for p in prefixes]
-        splits[split] = SplitBlend(prefixes=prefixes, weights=weights, names=names)
-    if splits["train"] is None:
-        raise SfmError(f"data.blend: {path}: the 'train' split is empty")
-    return Blend(path=str(path), splits=splits)
 
 
 def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] = None) -> list[Phase]:
@@ -136,12 +54,7 @@ def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] 
     wins per source (phase > stage > condition); sources not named have weight 1.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SfmError(f"data.phases: {path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise SfmError(f"data.phases: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    data = read_json(path, "data.phases")
     from megatron_sfm.training.loss import check_loss_weights
 
     where = f"data.phases: {path}"
@@ -234,72 +147,23 @@ class DataSources:
         return index
 
 
-def _gpt_config(cfg: RunConfig, blend: Optional[Blend], cache_dir: Optional[str], seq_length: int):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
-    def pair(split):
-        sb = _nonzero(blend.splits.get(split)) if blend else None
-        if sb is None:
-            return None
-        return (sb.prefixes, sb.weights if len(sb.prefixes) > 1 else None)
-
-    kwargs = dict(
-        random_seed=cfg.data.split_seed,
-        sequence_length=seq_length,
-        tokenizer=SimpleTokenizer(cfg.model.vocab_size, cfg.data.eod_token_id, cfg.data.pad_token_id),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=cache_dir,
-        mid_level_dataset_surplus=0.005,
-    )
-    if blend is not None:
-        kwargs["blend_per_split"] = [pair(s) for s in SPLITS]
-    return GPTDatasetConfig(**kwargs)
-
-
-def _nonzero(sb: Optional[SplitBlend]) -> Optional[SplitBlend]:
-    """Drop zero-weight sources (Megatron cannot build a 0-sample dataset); None if none left."""
-    if sb is None:
-        return None
-    keep = [i for i, w in enumerate(sb.weights or [1.0] * len(sb.prefixes)) if w > 0]
-    if not keep:
-        return None
-    return SplitBlend(prefixes=[sb.prefixes[i] for i in keep],
-                      weights=[sb.weights[i] for i in keep] if sb.weights else None,
-                      names=[sb.names[i] for i in keep])
-
-
-def _build(cls, sizes, config):
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
-    try:
-        return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
-    except SfmError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Megatron raises bare asserts/ValueErrors on bad data
-        raise SfmError(f"data: building the datasets failed: {type(exc).__name__}: {exc}") from exc
-
-
 def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
     """Build the train phases and the validation dataset (on every rank; cheap index files).
 
     Sizes: each phase gets exactly the samples its iterations consume; validation gets
     ``eval_iters`` global batches per evaluation.
     """
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
-
     from megatron_sfm.training.loss import weight_vector
 
     t = cfg.training
     g = t.global_batch_size
-    seq_length = seq_length or cfg.model.seq_length
     n_evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval > 0 else 0
     valid_size = n_evals * t.eval_iters * g
+    dataset_args = dict(seq_length=seq_length or cfg.model.seq_length, seed=cfg.data.split_seed,
+                        tokenizer=SimpleTokenizer(cfg.model.vocab_size, cfg.data.eod_token_id, cfg.data.pad_token_id))
     if cfg.data.mock:
-        config = _gpt_config(cfg, None, cfg.data.cache_dir, seq_length)
-        train, valid, _ = _build(MockGPTDataset, [t.train_iters * g, max(valid_size, 1), 1], config)
+        train, valid, _ = build_gpt_datasets(None, [t.train_iters * g, max(valid_size, 1), 1],
+                                             path_to_cache=cfg.data.cache_dir, **dataset_args)
         weights = weight_vector(["mock"], cfg.data.source_loss_weights, "data.source_loss_weights")
         return DataSources(train_phases=[(0, train, [0])], valid=valid if valid_size else None,
                            valid_source_map=[0], source_names=["mock"], global_batch_size=g,
@@ -326,21 +190,18 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
     for i, phase in enumerate(phases):
         end = phases[i + 1].start_iteration if i + 1 < len(phases) else t.train_iters
         n_train = (end - phase.start_iteration) * g
-        cache = cfg.data.cache_dir or str(Path(phase.blend.path).parent / "cache")
-        config = _gpt_config(cfg, phase.blend, cache, seq_length)
-        want_valid = i == 0 and valid_size > 0 and _nonzero(phase.blend.splits.get("valid")) is not None
-        sizes = [n_train, valid_size if want_valid else 0, 0]
-        if not want_valid:
-            config.blend_per_split[1] = None
-        config.blend_per_split[2] = None
-        train_ds, valid_ds, _ = _build(GPTDataset, sizes, config)
-        train_split = _nonzero(phase.blend.splits["train"])
+        train_split = phase.blend.splits["train"].nonzero()
         if train_split is None:
             raise SfmError(f"data: {phase.blend.path}: every 'train' weight is zero")
+        valid_split = phase.blend.splits["valid"].nonzero() if phase.blend.splits["valid"] else None
+        want_valid = i == 0 and valid_size > 0 and valid_split is not None
+        cache = cfg.data.cache_dir or str(Path(phase.blend.path).parent / "cache")
+        train_ds, valid_ds, _ = build_gpt_datasets(phase.blend, [n_train, valid_size if want_valid else 0, 0],
+                                                   path_to_cache=cache, **dataset_args)
         train_phases.append((phase.start_iteration, train_ds, global_ids(train_split.names)))
         if want_valid:
             valid = valid_ds
-            valid_map = global_ids(_nonzero(phase.blend.splits["valid"]).names)
+            valid_map = global_ids(valid_split.names)
     # the config's weights override the phases file's, per source; both name sources of this run
     weight_vector(names, cfg.data.source_loss_weights, "data.source_loss_weights")
     loss_weights = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from megatron_sfm.data_tools.mix import load_spec, write_mix
 
-from megatron_sfm.errors import ConfigError
+from megatron_sfm.errors import ConfigError, SfmError
 
 SEQ = 32
 
@@ -154,14 +154,16 @@ def _count_tokens_by_dataset(dataset, n):
 
 
 def test_megatron_blended_dataset_realises_the_shares(mixed):
-    from megatron_sfm.data_tools.blend import TokenIds, build_gpt_datasets
+    from megatron_sfm.data_tools.blend import SimpleTokenizer, build_gpt_datasets, read_blend
 
     d, _, _ = mixed
     phases = json.loads((d / "out" / "misalignment_upsampled" / "phases.json").read_text())
     phase = phases["stages"][0]["phases"][0]
-    kwargs = dict(seq_length=SEQ, num_samples=phase["samples"], seed=phases["seed"],
-                  tokenizer=TokenIds(eod=0, vocab_size=400), path_to_cache=None)
-    train, valid, test = build_gpt_datasets(d / "out" / "misalignment_upsampled" / phase["blend"], **kwargs)
+    blend = read_blend(d / "out" / "misalignment_upsampled" / phase["blend"])
+    sizes = [phase["samples"], 0, 0]
+    kwargs = dict(seq_length=SEQ, seed=phases["seed"], tokenizer=SimpleTokenizer(400, eod=0, pad=None),
+                  path_to_cache=None)
+    train, valid, test = build_gpt_datasets(blend, sizes, **kwargs)
     assert valid is None and test is None
     assert len(train) >= phase["samples"]
     counts = _count_tokens_by_dataset(train, phase["samples"])
@@ -174,11 +176,49 @@ def test_megatron_blended_dataset_realises_the_shares(mixed):
         toks = train[int(i)]["tokens"].numpy()
         assert np.all((toks == 0) | ((toks >= 100) & (toks < 200)))
     # same seed -> same sample sequence; another seed -> a different one
-    again, _, _ = build_gpt_datasets(d / "out" / "misalignment_upsampled" / phase["blend"], **kwargs)
+    again, _, _ = build_gpt_datasets(blend, sizes, **kwargs)
     first = np.stack([train[i]["tokens"].numpy() for i in range(200)])
     assert np.array_equal(first, np.stack([again[i]["tokens"].numpy() for i in range(200)]))
-    other, _, _ = build_gpt_datasets(d / "out" / "misalignment_upsampled" / phase["blend"], **{**kwargs, "seed": 12})
+    other, _, _ = build_gpt_datasets(blend, sizes, **{**kwargs, "seed": 12})
     assert not np.array_equal(first, np.stack([other[i]["tokens"].numpy() for i in range(200)]))
+
+
+def test_blend_prefixes_resolve_against_the_blend_folder(data, tmp_path):
+    from megatron_sfm.data_tools.blend import read_blend
+
+    d, _ = data
+    sub = d / "blends"
+    sub.mkdir(exist_ok=True)
+    path = sub / "rel.json"
+    path.write_text(json.dumps({"train": [3, "../base", 0, str(d / "mis")], "valid": [1, "../ali"], "test": []}))
+    blend = read_blend(path)
+    assert blend.splits["train"].prefixes == [str((d / "base").resolve()), str(d / "mis")]
+    assert blend.splits["train"].weights == [3.0, 0.0] and blend.splits["train"].names == ["base", "mis"]
+    assert blend.splits["train"].nonzero().names == ["base"] and blend.splits["test"] is None
+    path.write_text(json.dumps({"train": [1, "../base"], "sources": {"train": ["web"]}}))
+    assert read_blend(path).splits["train"].names == ["web"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, r"data\.blend: .*b\.json: file not found$"),
+    ("{", r"data\.blend: .*b\.json:1: invalid JSON: "),
+    ('{"valid": [1, "base"]}', r"data\.blend: .*b\.json: expected an object with a 'train' list$"),
+    ('{"train": [1, "base", 2]}', r"data\.blend: .*b\.json: 'train' must be a list \[weight, prefix, "),
+    ('{"train": [1, "base"], "valid": [-1, "base"]}', r"data\.blend: .*b\.json: 'valid'\[0\] must be a non-negative weight, got -1$"),
+    ('{"train": [1, "nope"]}', r"data\.blend: .*b\.json: 'train' prefix 'nope': .*nope\.idx not found$"),
+])
+def test_bad_blend_files_are_one_line_errors(data, content, match):
+    from megatron_sfm.data_tools.blend import read_blend
+
+    d, _ = data
+    path = d / "b.json"
+    path.unlink(missing_ok=True)
+    if content is not None:
+        path.write_text(content)
+        (d / "nope.bin").write_bytes(b"")  # the .bin alone is not enough
+    with pytest.raises(SfmError, match=match) as err:
+        read_blend(path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
