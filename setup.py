@@ -62,6 +62,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
+        # FP8 without Transformer Engine: torchao float8 training (megatron_sfm/model/float8.py)
+        "fp8": ["torchao==0.18.0"],
         "eval": ["lm-eval[hf]==0.4.13", "accelerate"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },

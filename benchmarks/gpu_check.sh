@@ -7,11 +7,13 @@
 #   summary.md       the tables for docs/benchmarks (sfm bench rows vs the HF baseline)
 #   gpu_check.log    every stage's full output
 #   bench_1p4b.json, bench_6p9b.json   sfm bench reports (docs/benchmarking.md)
+#   bench_6p9b_fp8.json                 bf16 vs torchao float8 on the 6.9B shape (needs the
+#                                       torchao wheel in .whl/ when the image lacks torchao)
 #   hf_baseline.json                   benchmarks/bench_hf_baseline.py report
 #   bench_kernels.json                 benchmarks/bench_kernels.py report (when it writes one)
 #
 # Stages: env, setup (wheels from .whl/ + this checkout into /tmp/site), kernel_tests
-# (pytest tests/kernels on the GPU), bench_kernels, bench_1p4b, bench_6p9b, hf_baseline,
+# (pytest tests/kernels on the GPU), bench_kernels, bench_1p4b, bench_6p9b, bench_6p9b_fp8, hf_baseline,
 # then the summary (always).
 #
 # Usage (GPU, from the repository root; see docs/benchmarking.md):
@@ -133,7 +135,7 @@ env_facts() {
   $PY - <<'EOF'
 import importlib, json, platform
 facts = {"python": platform.python_version()}
-for name in ("torch", "triton", "transformers", "megatron.core", "transformer_engine", "psutil", "numpy"):
+for name in ("torch", "triton", "transformers", "megatron.core", "transformer_engine", "torchao", "psutil", "numpy"):
     try:
         module = importlib.import_module(name)
         facts[name] = getattr(module, "__version__", None) or getattr(getattr(module, "package_info", None), "__version__", "present")
@@ -208,6 +210,15 @@ run_stage bench_1p4b 180 "${SFM[@]}" bench examples/configs/bench-pythia-1.4b.ya
 run_stage bench_6p9b 150 "${SFM[@]}" bench examples/configs/bench-pythia-6.9b-4l.yaml $SHAPE \
   --backends sdpa,triton,local --steps "$STEPS" --warmup "$WARMUP" --measure-peak --quiet \
   --json "$OUTDIR/bench_6p9b.json"
+
+# FP8 through torchao float8 (no Transformer Engine on the lent image): bf16 and fp8 rows
+# side by side; the smoke run emulates the float8 GEMMs.
+FP8_SET="model.fp8.backend=torchao model.fp8.recipe=tensorwise"
+[ "$MODE" = smoke ] && FP8_SET="$FP8_SET model.fp8.emulate=true model.precision=bf16"
+# shellcheck disable=SC2086
+run_stage bench_6p9b_fp8 150 "${SFM[@]}" bench examples/configs/bench-pythia-6.9b-4l.yaml $SHAPE $FP8_SET \
+  --backends sdpa --sweep model.fp8.format=none,hybrid --steps "$STEPS" --warmup "$WARMUP" --quiet \
+  --json "$OUTDIR/bench_6p9b_fp8.json"
 
 HF_SET=()
 for kv in $SHAPE; do HF_SET+=(--set "$kv"); done

@@ -16,7 +16,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-BENCH_FILES = {"bench_1p4b": "bench_1p4b.json", "bench_6p9b": "bench_6p9b.json"}
+BENCH_FILES = {"bench_1p4b": "bench_1p4b.json", "bench_6p9b": "bench_6p9b.json",
+               "bench_6p9b_fp8": "bench_6p9b_fp8.json"}
 
 
 def read_stages(path: Path) -> list[dict]:
@@ -102,6 +103,8 @@ def shape_table(bench: dict | None, hf_rows: list[dict]) -> list[str]:
 
     for row in (bench or {}).get("rows", []):
         prec = f"{row.get('precision')} / {row.get('main_params_dtype', '?')}"
+        if row.get("fp8"):
+            prec += f", fp8 ({row['fp8']})"
         add(f"Megatron-Core, {row['label']}", prec, row, row.get("mfu_measured"))
     for row in hf_rows:
         prec = "fp32 / fp32, bf16 autocast" if row.get("mode") == "amp" else "bf16 / bf16"
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         config_hint = report.get("config") if report else BENCH_FILES[stage]
         title = _shape_name(config_hint or stage)
         hf_rows = [r for r in (hf or {}).get("rows", []) if _shape_name(r.get("config", "")) == title]
-        lines += ["", f"## {title}"]
+        lines += ["", f"## {title}" + (", FP8 (torchao float8 vs bf16)" if stage.endswith("_fp8") else "")]
         if report is not None:
             peak = (report.get("peak") or {}).get("measured_tflops")
             lines.append(f"{report['steps']} timed steps after {report['warmup']} warm-up; micro-batch "

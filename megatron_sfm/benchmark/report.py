@@ -24,7 +24,7 @@ TOP_LEVEL: dict[str, tuple] = {
 ROW_ALWAYS: dict[str, tuple] = {
     "label": (str,), "backend": (str,), "overrides": (dict,), "status": (str,), "error": (str, type(None)),
     "precision": (str,), "micro_batch_size": (int,), "global_batch_size": (int,), "seq_length": (int,),
-    "tokens_per_step": (int,), "throughput_ratio": NUM + (type(None),),
+    "tokens_per_step": (int,), "throughput_ratio": NUM + (type(None),), "fp8": (str, type(None)),
 }
 ROW_OK: dict[str, tuple] = {
     "main_params_dtype": (str,), "num_microbatches": (int,), "data_parallel_size": (int,), "timed_steps": (int,),
@@ -108,7 +108,7 @@ def render_table(report: dict):
         mem = row["memory"]
         peak = mem["peak_allocated_gib"] if mem["peak_allocated_gib"] is not None else mem["rss_gib"]
         table.add_row(
-            row["label"], f"{row['precision']}/{row['main_params_dtype']}", f"{row['tokens_per_s_per_gpu']:,.0f}",
+            row["label"], f"{row['precision']}/{row['main_params_dtype']}" + (" fp8" if row.get("fp8") else ""), f"{row['tokens_per_s_per_gpu']:,.0f}",
             _fmt(row["throughput_ratio"], ".2f"), f"{row['tflops_per_gpu']:.2f}", f"{row['mfu'] * 100:.1f}%",
             _fmt(None if row["mfu_measured"] is None else row["mfu_measured"] * 100, ".1f"),
             f"{row['step_time_s']['mean'] * 1000:.1f}",

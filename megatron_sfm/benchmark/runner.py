@@ -249,6 +249,7 @@ def _row(point: BenchPoint, cfg: RunConfig, agg: dict, world: int, measured: dic
     row = {
         "label": point.label, "backend": m.attention_backend, "overrides": dict(point.overrides),
         "status": "ok", "error": None, "precision": m.precision,
+        "fp8": None if m.fp8.format == "none" else f"{m.fp8.backend} {m.fp8.recipe} {m.fp8.format}",
         "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
         "seq_length": m.seq_length, "tokens_per_step": t.global_batch_size * m.seq_length,
     }

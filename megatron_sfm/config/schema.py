@@ -18,18 +18,23 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class FP8Config:
     """FP8 training. ``format: none`` disables it; anything else needs a working backend.
 
-    ``backend: te`` uses Transformer Engine recipes; ``torchao`` uses torchao float8
-    training on our own linear layers; ``auto`` picks TE when importable, else torchao.
-    A config that asks for FP8 without a working backend is an error, never a quiet
-    bf16 run.
+    ``backend: te`` uses Transformer Engine recipes (delayed, tensorwise, blockwise,
+    mxfp8); ``torchao`` uses torchao float8 training on our own linear layers (recipes
+    tensorwise, rowwise; ``megatron_sfm.model.float8``); ``auto`` picks TE when importable,
+    else torchao. A config that asks for FP8 without a working backend is an error, never
+    a quiet bf16 run. ``emulate`` (torchao only) runs the float8 casts with high-precision
+    GEMMs on any device, for numerics checks; ``compile`` (torchao only; None: on CUDA)
+    compiles each float8 matmul so its casts fuse.
     """
 
     format: Literal["none", "e4m3", "hybrid"] = "none"
     backend: Literal["auto", "te", "torchao"] = "auto"
-    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    recipe: Literal["delayed", "tensorwise", "rowwise", "blockwise", "mxfp8"] = "delayed"
     amax_history_len: int = 1024
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = 0
+    emulate: bool = False
+    compile: Optional[bool] = None
 
 
 @dataclass

@@ -40,13 +40,23 @@ def check_fp8(model: ModelConfig) -> Optional[str]:
             raise SfmError(
                 "model.fp8.backend: 'te' needs Transformer Engine (package transformer_engine, "
                 "pip install 'megatron-sfm[te]') and a CUDA GPU; it is not importable here")
+        if fp8.recipe == "rowwise":
+            raise SfmError("model.fp8.recipe: 'rowwise' is a torchao recipe; Transformer Engine has "
+                           "delayed, tensorwise, blockwise, mxfp8")
+        if fp8.emulate or fp8.compile is not None:
+            raise SfmError("model.fp8.emulate / model.fp8.compile: torchao settings; this run uses "
+                           "Transformer Engine (set model.fp8.backend: torchao to use them)")
         return "te"
-    if importlib.util.find_spec("torchao") is None or not torch.cuda.is_available():
+    if model.attention_backend == "te":
+        raise SfmError("model.fp8.backend: torchao float8 runs on Megatron's own linears; with "
+                       "model.attention_backend te use model.fp8.backend te")
+    if fp8.backend == "auto" and importlib.util.find_spec("torchao") is None:
         raise SfmError(
             f"model.fp8.format: {fp8.format!r} needs Transformer Engine (transformer_engine) or torchao "
             "float8 on a CUDA GPU; neither is available here (refusing to run in bf16 instead)")
-    if importlib.util.find_spec("megatron_sfm.model.float8") is None:
-        raise SfmError("model.fp8.backend: the torchao float8 path (megatron_sfm.model.float8) is not installed")
+    from megatron_sfm.model.float8 import check_usable
+
+    check_usable(fp8)
     return "torchao"
 
 
@@ -139,7 +149,16 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, pre_process
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     num_layers_here = get_num_layers_to_build(config, vp_stage=vp_stage)
-    spec = block_spec(backend, model.parallel_residual, num_layers_here)
+    fp8_backend = check_fp8(model)
+    if fp8_backend == "torchao" and backend == "te":
+        raise SfmError("model.fp8.backend: torchao float8 runs on Megatron's own linears; the attention "
+                       "backend resolved to te, so use model.fp8.backend te (or another attention backend)")
+    spec = block_spec(backend, model.parallel_residual, num_layers_here,
+                      float8=model.fp8 if fp8_backend == "torchao" else None)
+    if fp8_backend == "torchao":
+        from megatron_sfm.model.float8 import describe
+
+        log.info(describe(model.fp8))
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,

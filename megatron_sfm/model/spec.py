@@ -23,8 +23,12 @@ from megatron_sfm.model.layer import ParallelResidualTransformerLayer
 from megatron_sfm.model.norm import LayerNorm
 
 
-def layer_spec(backend: str, parallel_residual: bool) -> ModuleSpec:
-    """The spec of one transformer layer for a resolved attention backend."""
+def layer_spec(backend: str, parallel_residual: bool, float8=None) -> ModuleSpec:
+    """The spec of one transformer layer for a resolved attention backend.
+
+    ``float8``: an ``FP8Config`` to run the four linears' GEMMs in torchao float8
+    (``megatron_sfm.model.float8``); None keeps Megatron's linears.
+    """
     layer_cls = ParallelResidualTransformerLayer if parallel_residual else TransformerLayer
     if backend == "te":
         # Transformer Engine: layer norms fused into the qkv and fc1 GEMMs, fused attention.
@@ -46,8 +50,14 @@ def layer_spec(backend: str, parallel_residual: bool) -> ModuleSpec:
 
         parts = triton_self_attention_spec_parts()
         attention_module, core_attention = parts["self_attention_module"], parts["core_attention"]
-    return _assemble(layer_cls, norm=LayerNorm, attention=attention_module, qkv=ColumnParallelLinear,
-                     core=core_attention, row=RowParallelLinear, fc1=ColumnParallelLinear, keys_map={})
+    column, row = ColumnParallelLinear, RowParallelLinear
+    if float8 is not None:
+        from megatron_sfm.model.float8 import linear_specs
+
+        specs = linear_specs(float8)
+        column, row = specs["column"], specs["row"]
+    return _assemble(layer_cls, norm=LayerNorm, attention=attention_module, qkv=column,
+                     core=core_attention, row=row, fc1=column, keys_map={})
 
 
 def _assemble(layer_cls, *, norm, attention, qkv, core, row, fc1, keys_map) -> ModuleSpec:
@@ -71,13 +81,13 @@ def _assemble(layer_cls, *, norm, attention, qkv, core, row, fc1, keys_map) -> M
     )
 
 
-def block_spec(backend: str, parallel_residual: bool, num_layers: int) -> TransformerBlockSubmodules:
+def block_spec(backend: str, parallel_residual: bool, num_layers: int, float8=None) -> TransformerBlockSubmodules:
     """The decoder block: ``num_layers`` copies of the layer spec and a final LayerNorm.
 
     GPTModel receives this (rather than a layer spec) so the final norm is ours too.
     ``num_layers`` is the number of layers on this pipeline stage.
     """
-    spec = layer_spec(backend, parallel_residual)
+    spec = layer_spec(backend, parallel_residual, float8)
     final_norm = LayerNorm
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm

@@ -170,6 +170,14 @@ def _startup_stop(flag: SignalFlag, say: Callable[[str], None], where: str) -> i
     return requeue_exit_code()
 
 
+def _fp8_text(cfg: RunConfig, backend: str) -> str:
+    if backend == "torchao":
+        from megatron_sfm.model.float8 import describe
+
+        return describe(cfg.model.fp8)
+    return f"fp8: Transformer Engine {cfg.model.fp8.recipe} ({cfg.model.fp8.format})"
+
+
 def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) -> int:
     from megatron_sfm.metrics import step_metrics
     from megatron_sfm.training.checkpoint import CheckpointManager, resolve_checkpoint
@@ -177,7 +185,7 @@ def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) ->
                                              valid_iterators)
     from megatron_sfm.training.step import evaluate, fault_at, train_step
 
-    check_no_fp8_fallback(cfg)
+    fp8_backend = check_no_fp8_fallback(cfg)
     recorder_dir = os.environ.get("SFM_SAMPLE_LOG")
     recorder = None
     if recorder_dir:
@@ -230,7 +238,8 @@ def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) ->
         f"(TP {tp}, PP {cfg.parallel.pipeline_model_parallel_size}, DP {state.dp_size}); "
         f"{state.num_microbatches} micro-batches of {t.micro_batch_size} per step; sources: "
         f"{', '.join(state.source_names)}; cross-entropy: {state.cross_entropy}"
-        + (f"; loss weights: {_weights_text(state)}" if weighted else ""))
+        + (f"; loss weights: {_weights_text(state)}" if weighted else "")
+        + (f"; {_fp8_text(cfg, fp8_backend)}" if fp8_backend else ""))
     try:
         while state.iteration < t.train_iters:
             result = train_step(state)
