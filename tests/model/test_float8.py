@@ -189,3 +189,22 @@ def test_te_only_settings_with_te_are_errors():
     if not transformer_engine_available():
         with pytest.raises(SfmError, match=r"model\.fp8\.backend: torchao float8 runs on Megatron's own linears"):
             check_fp8(tiny(attention_backend="te", fp8=fp8()))
+
+
+def test_compiled_float8_matmul_equals_eager(single_process_parallel):
+    """``model.fp8.compile`` (the default on CUDA) must not change a number: checked here with
+    inductor's CPU backend on the emulated recipe."""
+    torch.manual_seed(2)
+    eager = column(fp8(compile=False))
+    compiled = column(fp8(compile=True))
+    compiled.load_state_dict(eager.state_dict())
+    assert eager._float8_matmul is not compiled._float8_matmul
+    x, gy = torch.randn(8, 2, 64), torch.randn(8, 2, 96)
+    results = []
+    for layer in (eager, compiled):
+        xi = x.clone().requires_grad_(True)
+        y, _ = layer(xi)
+        (y * gy).sum().backward()
+        results.append((y.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
+    for ours, ref in zip(results[1], results[0]):
+        assert torch.equal(ours, ref)
