@@ -17,6 +17,14 @@ def main(argv: list[str]) -> int:
     s.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
     s.add_argument("--dp", type=int, default=1, help="data-parallel size")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--tokens", type=float, default=None,
+                   help="training tokens (e.g. 500e9): adds the run's FLOPs and GPU-hours")
+    rate = s.add_mutually_exclusive_group()
+    rate.add_argument("--tflops", type=float, default=None, help="sustained TFLOP/s per GPU for the cost")
+    rate.add_argument("--bench", default=None,
+                      help="an sfm bench JSON report: its fastest ok row's TFLOP/s per GPU for the cost")
+    s.add_argument("--bench-row", default=None, help="the label of the report row to use instead of the fastest")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs of the run: adds the wall time")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     sub.add_parser("presets", help="list the model presets")
     args = parser.parse_args(argv)
@@ -42,8 +50,12 @@ def main(argv: list[str]) -> int:
     from megatron_sfm.model.summary import summarize
 
     summary = summarize(cfg.model, cfg.parallel, args.dp)
+    cost = _cost(args, summary.flops_per_token)
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        out = summary.to_dict()
+        if cost is not None:
+            out["cost"] = cost.to_dict()
+        print(json.dumps(out, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -58,6 +70,35 @@ def main(argv: list[str]) -> int:
     table.add_row("training FLOPs per token", f"{summary.flops_per_token:.4g}")
     for key, value in summary.memory_gib.items():
         table.add_row(f"memory per GPU: {key} (GiB)", f"{value:.2f}")
+    if cost is not None:
+        table.add_row("training tokens", f"{cost.tokens:.4g}")
+        table.add_row("training FLOPs", f"{cost.total_flops:.4g}")
+        table.add_row("TFLOP/s per GPU (assumed)", f"{cost.tflops_per_gpu:.1f}")
+        table.add_row("GPU-hours", f"{cost.gpu_hours:,.0f}")
+        if cost.wall_hours is not None:
+            table.add_row(f"wall hours on {cost.gpus} GPUs", f"{cost.wall_hours:,.1f}")
     Console().print(table)
     print(f"FLOPs: {summary.flop_formula}")
+    if cost is not None:
+        print(f"throughput: {cost.throughput_source}")
     return 0
+
+
+def _cost(args, flops_per_token: float):
+    from megatron_sfm.errors import ConfigError
+    from megatron_sfm.model.cost import Throughput, estimate, throughput_from_bench
+
+    rate_given = args.tflops is not None or args.bench is not None
+    if args.tokens is None:
+        if rate_given or args.gpus is not None or args.bench_row is not None:
+            raise ConfigError("--tokens: needed with --tflops, --bench, --bench-row or --gpus")
+        return None
+    if not rate_given:
+        raise ConfigError("--tokens: give the throughput too (--tflops X or --bench REPORT.json)")
+    if args.bench_row is not None and args.bench is None:
+        raise ConfigError("--bench-row: only with --bench")
+    if args.bench is not None:
+        throughput = throughput_from_bench(args.bench, args.bench_row)
+    else:
+        throughput = Throughput(args.tflops, "given (--tflops)")
+    return estimate(flops_per_token, args.tokens, throughput, args.gpus)

@@ -147,3 +147,25 @@ def test_user_errors_exit_2_with_one_line(args, words):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert words in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_model_cost_reads_the_throughput_of_a_real_report(two_backends, tmp_path, capsys):
+    """``sfm model summary --bench`` sizes a run from a measured report (fastest ok row)."""
+    from megatron_sfm.cli import main
+
+    report, _ = two_backends
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    fastest = max(report["rows"], key=lambda r: r["tflops_per_gpu"])
+    assert main(["model", "summary", "--config", TINY, "--json", "--tokens", "1e9", "--bench", str(path)]) == 0
+    cost = json.loads(capsys.readouterr().out)["cost"]
+    assert cost["tflops_per_gpu"] == pytest.approx(fastest["tflops_per_gpu"])
+    assert cost["gpu_hours"] == pytest.approx(1e9 * cost["flops_per_token"] / (fastest["tflops_per_gpu"] * 1e12) / 3600)
+    assert repr(fastest["label"]) in cost["throughput_source"]
+    assert main(["model", "summary", "--config", TINY, "--json", "--tokens", "1e9", "--bench", str(path),
+                 "--bench-row", "local"]) == 0
+    local = json.loads(capsys.readouterr().out)["cost"]
+    assert local["tflops_per_gpu"] == pytest.approx(next(r for r in report["rows"] if r["label"] == "local")["tflops_per_gpu"])
+    assert main(["model", "summary", "--config", TINY, "--tokens", "1e9", "--bench", str(path),
+                 "--bench-row", "flash9"]) == 2
+    assert "no ok row labelled 'flash9'" in capsys.readouterr().err

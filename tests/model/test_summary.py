@@ -73,3 +73,39 @@ def test_bad_override_exits_nonzero_with_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model.num_layer" in proc.stderr
+
+
+def test_cost_from_tokens_and_a_given_throughput(capsys):
+    """GPU-hours = tokens x FLOPs per token / (TFLOP/s x 1e12) / 3600, wall = that / GPUs."""
+    assert sfm(["model", "summary", "--preset", "pythia-6.9b", "--json", "--tokens", "500e9",
+                "--tflops", "449", "--gpus", "256"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cost = out["cost"]
+    flops = training_flops(load_config(None, ["model.preset=pythia-6.9b"]).model, 1) / 2048
+    assert cost["flops_per_token"] == pytest.approx(flops)
+    assert cost["total_flops"] == pytest.approx(500e9 * flops)
+    assert cost["gpu_hours"] == pytest.approx(500e9 * flops / 449e12 / 3600)
+    assert 12_000 < cost["gpu_hours"] < 14_000  # the paper: ~20,000 GPU-hours for pretraining + midtraining
+    assert cost["wall_hours"] == pytest.approx(cost["gpu_hours"] / 256)
+    assert cost["throughput_source"] == "given (--tflops)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tflops", "449"], "--tokens: needed"),
+    (["--tokens", "1e9"], "--tokens: give the throughput"),
+    (["--tokens", "1e9", "--tflops", "449", "--bench-row", "sdpa"], "--bench-row: only with --bench"),
+    (["--tokens", "-5", "--tflops", "449"], "--tokens: must be positive"),
+    (["--tokens", "1e9", "--bench", "/nonexistent/bench.json"], "bench report not found"),
+])
+def test_cost_arguments_are_checked(args, message, capsys):
+    assert sfm(["model", "summary", "--preset", "pythia-6.9b", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_cost_refuses_a_file_that_is_not_a_bench_report(tmp_path, capsys):
+    bad = tmp_path / "bench.json"
+    bad.write_text(json.dumps({"rows": []}))
+    assert sfm(["model", "summary", "--preset", "pythia-6.9b", "--tokens", "1e9", "--bench", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not an sfm bench report" in err and str(bad) in err
