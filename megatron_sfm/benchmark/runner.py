@@ -78,7 +78,7 @@ def measure_point_local(cfg: RunConfig, steps: int, warmup: int,
     from megatron_sfm.benchmark.mock_data import RandomTokenBatches
     from megatron_sfm.benchmark.timing import Clock, TimedForwardBackward
     from megatron_sfm.compat import device
-    from megatron_sfm.training.state import build_training_state
+    from megatron_sfm.training.state import build_training_state, release_training_state
     from megatron_sfm.training.step import train_step
 
     _free_memory()
@@ -105,30 +105,9 @@ def measure_point_local(cfg: RunConfig, steps: int, warmup: int,
                 "num_microbatches": state.num_microbatches, "dp_size": state.dp_size,
                 "main_params_dtype": _main_params_dtype(state)}
     finally:
-        _release(state)
+        release_training_state(state)  # else this row's model and optimizer outlive it (docs/training.md)
         del state
         _free_memory()
-
-
-def _release(state) -> None:
-    """Break the reference cycle that keeps a Megatron DDP model alive after use.
-
-    Megatron's DistributedDataParallel keeps each parameter's grad-accumulator node in
-    ``grad_accs``; the node's hooks close over the DDP module, and the garbage collector
-    does not see through the autograd node, so model, gradients and optimizer state would
-    outlive the row (on a GPU: the next row runs out of memory).
-    """
-    for chunk in state.model:
-        accs = getattr(chunk, "grad_accs", None)
-        if isinstance(accs, list):
-            accs.clear()
-    config = state.extra.get("model_config")
-    for name in ("grad_scale_func", "finalize_model_grads_func", "no_sync_func", "grad_sync_func", "param_sync_func"):
-        if config is not None and hasattr(config, name):
-            setattr(config, name, None)
-    state.model = []
-    state.optimizer = None
-    state.scheduler = None
 
 
 def _main_params_dtype(state) -> str:

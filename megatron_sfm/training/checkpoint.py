@@ -2,9 +2,10 @@
 
 Save: every rank writes its shards into ``<save>/.iter_NNNNNNN.tmp``; once all ranks are
 done rank 0 writes ``config.yaml``, ``train_state.json`` and ``manifest.json``, renames
-the folder to ``iter_NNNNNNN`` and only then replaces ``latest``. On GPU with
-``checkpoint.async_save`` the shard writing runs in the background and the finalisation
-runs when it has finished (:class:`CheckpointManager`).
+the folder to ``iter_NNNNNNN`` and only then replaces ``latest``. With
+``checkpoint.async_save`` (on GPU; on CPU only when ``SFM_ASYNC_SAVE_ON_CPU=1``) the shard
+writing runs in a forked background process and the finalisation runs, on all ranks
+together, once every rank's writer has finished (:class:`CheckpointManager`).
 
 Load: the manifest is checked first, so a missing or truncated shard is an
 :class:`SfmError` naming the file. The distributed optimizer is saved
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +39,14 @@ CONFIG = "config.yaml"
 # mem-efficient variant avoids a .cuda() call and works on gloo.
 DOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                  "distrib_optim_fully_reshardable_mem_efficient": True}
+# Megatron's async save runs on CPU + gloo too: the CPU shims S-dev and S-sync cover the
+# CUDA calls of async_utils, and the writer, forked when the save is scheduled, sees the
+# tensors as they were then (copy-on-write). On CPU the writer competes with training for
+# the same cores, so there it is opt-in (docs/checkpoints.md#async-save); the tests set it.
+ASYNC_ON_CPU_ENV = "SFM_ASYNC_SAVE_ON_CPU"
+# Test hook (SFM_FAULTS 'slow_async_save@N'): the background writer of iteration N's save
+# sleeps this long before writing, so a test can act while that save is in flight.
+SLOW_ASYNC_SAVE_S = 5.0
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -181,6 +191,19 @@ def train_state_dict(state, reason: str) -> dict:
     }
 
 
+def use_async_save(cfg) -> bool:
+    """Whether saves go through Megatron's async path: ``checkpoint.async_save`` on GPU, and
+    on CPU only when the environment has ``SFM_ASYNC_SAVE_ON_CPU=1``."""
+    if not cfg.checkpoint.async_save:
+        return False
+    return torch.cuda.is_available() or os.environ.get(ASYNC_ON_CPU_ENV, "") == "1"
+
+
+def _sleep_then(seconds: float, fn, *args, **kwargs):
+    time.sleep(seconds)
+    return fn(*args, **kwargs)
+
+
 def _model_keys(n: int) -> list[str]:
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
@@ -224,12 +247,17 @@ def full_sharded_state_dict(state, *, is_loading: bool, with_optimizer: bool = T
 
 
 class CheckpointManager:
-    """Saves (sync, or async on GPU) and loads checkpoints under ``checkpoint.save``."""
+    """Saves (sync, or async: :func:`use_async_save`) and loads checkpoints under ``checkpoint.save``.
+
+    An async save returns once the shards are planned and the background writer is
+    forked; :meth:`finalize` (called every step), the next :meth:`save` and :meth:`close`
+    finalise it: only then is the folder renamed and ``latest`` rewritten.
+    """
 
     def __init__(self, state, save_dir: Optional[str]):
         self.state = state
         self.save_dir = Path(save_dir) if save_dir else None
-        self.async_save = bool(state.cfg.checkpoint.async_save and torch.cuda.is_available())
+        self.async_save = use_async_save(state.cfg)
         self._queue = None
         self._parallel_strategy = None
         self.last_saved_iteration: Optional[int] = None
@@ -269,6 +297,8 @@ class CheckpointManager:
             _barrier()
 
         if request is not None:
+            if request.async_fn is not None and fault_at("slow_async_save", state.iteration):
+                request = request._replace(async_fn=partial(_sleep_then, SLOW_ASYNC_SAVE_S, request.async_fn))
             request.add_finalize_fn(finalize)
             if self._queue is None:
                 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue

@@ -179,11 +179,7 @@ def _fp8_text(cfg: RunConfig, backend: str) -> str:
 
 
 def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) -> int:
-    from megatron_sfm.metrics import step_metrics
-    from megatron_sfm.training.checkpoint import CheckpointManager, resolve_checkpoint
-    from megatron_sfm.training.state import (build_training_state, check_no_fp8_fallback, uses_loss_weights,
-                                             valid_iterators)
-    from megatron_sfm.training.step import evaluate, fault_at, train_step
+    from megatron_sfm.training.state import build_training_state, check_no_fp8_fallback, release_training_state
 
     fp8_backend = check_no_fp8_fallback(cfg)
     recorder_dir = os.environ.get("SFM_SAMPLE_LOG")
@@ -202,6 +198,20 @@ def _train(cfg: RunConfig, flag: SignalFlag, print_fn: Callable[[str], None]) ->
     except StartupInterrupted:
         return _startup_stop(flag, print_fn if _global_rank() == 0 else (lambda *_: None),
                              "while building the model")
+    try:
+        return _resume_and_train(cfg, state, fp8_backend, flag, print_fn)
+    finally:
+        release_training_state(state)  # in-process callers (tests, notebooks) get the memory back
+
+
+def _resume_and_train(cfg: RunConfig, state, fp8_backend: Optional[str], flag: SignalFlag,
+                      print_fn: Callable[[str], None]) -> int:
+    """Everything after the state is built: resume or init, the loop, the last save; the exit code."""
+    from megatron_sfm.metrics import step_metrics
+    from megatron_sfm.training.checkpoint import CheckpointManager, resolve_checkpoint
+    from megatron_sfm.training.state import uses_loss_weights, valid_iterators
+    from megatron_sfm.training.step import evaluate, fault_at, train_step
+
     rank0 = _global_rank() == 0
     say = print_fn if rank0 else (lambda *_: None)
     t, c = cfg.training, cfg.checkpoint

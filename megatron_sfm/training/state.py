@@ -4,7 +4,7 @@
 state, builds the model chunks (Megatron ``DistributedDataParallel``, bf16 model with
 ``Float16Module`` and fp32 main params in the optimizer), the Megatron optimizer
 (distributed or not), the LR/WD scheduler and the data iterators. The benchmark and
-the trainer loop both start here.
+the trainer loop both start here, and end with ``release_training_state(state)``.
 """
 
 from __future__ import annotations
@@ -247,6 +247,70 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recor
         state.default_loss_weights = weight_vector(state.source_names, cfg.data.source_loss_weights,
                                                    "data.source_loss_weights")
     return state
+
+
+# The hooks _wire_model_config sets on the model's TransformerConfig (all default to None).
+_CONFIG_HOOKS = ("grad_scale_func", "finalize_model_grads_func", "no_sync_func", "grad_sync_func", "param_sync_func")
+
+
+def release_training_state(state: TrainingState) -> None:
+    """Let the garbage collector free the state's model, gradients and optimizer state.
+
+    Without it, a state with fp32 weights and the distributed optimizer that goes out of
+    scope is never freed, even by ``gc.collect()``, and a second state built in the same
+    process (benchmark rows, tests, notebooks) sits next to the first one, in GPU memory
+    too (Megatron-Core 0.16.1, torch 2.13; ``tests/training/test_release.py``). Two
+    references keep it:
+
+    * the model config holds ``optimizer.scale_loss`` (``grad_scale_func``, set for the
+      pipeline schedules). With fp32 parameters the distributed optimizer's shards are
+      autograd views of the model's parameters, whose graph reaches each parameter's
+      grad-accumulator node and the DDP hook on it, which closes over the DDP module:
+      model -> config -> optimizer -> shard view -> node -> hook -> model. The view ->
+      node link lives in C++, where the collector cannot see it, so the cycle is never
+      collected. Unsetting ``grad_scale_func`` cuts it;
+    * ``RotaryEmbedding.forward`` is an ``lru_cache`` on the class, keyed by the module:
+      in every layout it keeps the rotary module and its tables until it is cleared.
+
+    This unsets the callables ``_wire_model_config`` put on the model config, clears that
+    cache (class-wide: other live models recompute their tables once), clears DDP's
+    ``grad_accs`` and forward pre-hooks (cycles through the DDP module the collector
+    could free, cut here so it need not), and drops the model chunks, optimizer,
+    scheduler, data and iterators from ``state``.
+
+    Call it when done with the state (after the last checkpoint save has finished);
+    ``state`` keeps its counters (iteration, consumed samples) but cannot train any more.
+    Memory comes back at the next ``gc.collect()`` (then ``torch.cuda.empty_cache()`` to
+    return it to the driver). Calling it twice is harmless.
+    """
+    configs = [state.extra.pop("model_config", None)]
+    cleared: set = set()
+    for chunk in state.model:
+        for module in chunk.modules():  # RotaryEmbedding (and YaRN's): forward is a class-level lru_cache
+            clear_cache = getattr(type(module).forward, "cache_clear", None)
+            if clear_cache is not None and type(module) not in cleared:
+                clear_cache()
+                cleared.add(type(module))
+        handles = getattr(chunk, "remove_forward_pre_hook_handles", None)
+        if isinstance(handles, dict):  # overlap_param_gather: module pre-hooks close over DDP
+            for handle in handles.values():
+                handle.remove()
+            handles.clear()
+        accs = getattr(chunk, "grad_accs", None)
+        if isinstance(accs, list):
+            accs.clear()
+        configs.append(getattr(chunk, "config", None))
+    for config in configs:
+        if config is None:
+            continue
+        for name in _CONFIG_HOOKS:
+            if hasattr(config, name):
+                setattr(config, name, None)
+    state.model = []
+    state.optimizer = None
+    state.scheduler = None
+    state.train_iterators = None
+    state.data = None
 
 
 def set_cross_entropy(state: TrainingState, mode: str) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,8 @@ def run_in_own_session(cmd: list[str], env: dict, timeout: float) -> subprocess.
     (spawned children) behind; they would hold captured pipes open, so output goes to
     files and the session is cleaned up explicitly.
     """
+    marker = uuid.uuid4().hex
+    env = dict(env, SFM_TEST_MARKER=marker)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
         try:
@@ -65,9 +68,28 @@ def run_in_own_session(cmd: list[str], env: dict, timeout: float) -> subprocess.
         finally:
             kill_session(proc.pid)
             proc.wait()
+            kill_marked_processes(marker)
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def kill_marked_processes(marker: str) -> None:
+    """SIGKILL every process whose environment has ``SFM_TEST_MARKER=<marker>``.
+
+    torchrun starts each rank in its own session, so when ranks die by SIGKILL their
+    multiprocessing helpers (dist_checkpointing's Manager and resource tracker) are
+    orphaned outside the session killed above; the marker finds exactly them.
+    """
+    needle = f"SFM_TEST_MARKER={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
 
 
 def kill_session(pid: int) -> None:
