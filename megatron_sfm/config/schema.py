@@ -154,7 +154,7 @@ class CheckpointConfig:
     save_interval: int = 0  # iterations; 0: only at exit
     load: Optional[str] = None  # resume from here (default: ``save`` when it has a checkpoint)
     init_from: Optional[str] = None  # start fresh from these weights (midtraining)
-    async_save: bool = True  # on GPU; CPU saves are synchronous
+    async_save: bool = True  # on GPU; on CPU only with SFM_ASYNC_SAVE_ON_CPU=1
     keep_last: int = 0  # 0: keep all
     load_optimizer: bool = True  # False: resume model weights and progress, fresh optimizer state
     fully_parallel_save: bool = True  # spread the writing of replicated shards over data-parallel ranks
