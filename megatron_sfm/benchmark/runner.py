@@ -221,6 +221,21 @@ def _model_summary(cfg: RunConfig) -> dict:
             "parameters": parameter_count(m, cfg.parallel.tensor_model_parallel_size).total}
 
 
+def _fp8_label(m) -> str | None:
+    """``"<backend> <recipe> <format>"`` with the backend that ran (``auto`` resolved)."""
+    if m.fp8.format == "none":
+        return None
+    backend = m.fp8.backend
+    if backend == "auto":
+        from megatron_sfm.model.builder import check_fp8
+
+        try:
+            backend = check_fp8(m)
+        except Exception:  # noqa: BLE001 - the row's own error says why FP8 could not run
+            backend = "auto"
+    return f"{backend} {m.fp8.recipe} {m.fp8.format}"
+
+
 def _row(point: BenchPoint, cfg: RunConfig, agg: dict, world: int, measured: dict) -> dict:
     from megatron_sfm.metrics import step_metrics
 
@@ -228,7 +243,7 @@ def _row(point: BenchPoint, cfg: RunConfig, agg: dict, world: int, measured: dic
     row = {
         "label": point.label, "backend": m.attention_backend, "overrides": dict(point.overrides),
         "status": "ok", "error": None, "precision": m.precision,
-        "fp8": None if m.fp8.format == "none" else f"{m.fp8.backend} {m.fp8.recipe} {m.fp8.format}",
+        "fp8": _fp8_label(m),
         "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
         "seq_length": m.seq_length, "tokens_per_step": t.global_batch_size * m.seq_length,
     }

@@ -35,11 +35,18 @@ def check_fp8(model: ModelConfig) -> Optional[str]:
     if fp8.format == "none":
         return None
     have_te = transformer_engine_available()
-    if fp8.backend == "te" or (fp8.backend == "auto" and have_te):
+    # TE's FP8 lives in TE's linears, which only the `te` layer spec (attention backend te,
+    # or auto with TE importable) builds: anything else would run Megatron's linears in bf16.
+    te_layers = have_te and model.attention_backend in ("te", "auto")
+    if fp8.backend == "te" or (fp8.backend == "auto" and te_layers):
         if not have_te:
             raise SfmError(
                 "model.fp8.backend: 'te' needs Transformer Engine (package transformer_engine, "
                 "pip install 'megatron-sfm[te]') and a CUDA GPU; it is not importable here")
+        if not te_layers:
+            raise SfmError(f"model.fp8.backend: Transformer Engine FP8 runs in TE's linears, which "
+                           f"model.attention_backend {model.attention_backend!r} does not build; use "
+                           f"attention_backend te (or auto), or model.fp8.backend torchao")
         if fp8.recipe == "rowwise":
             raise SfmError("model.fp8.recipe: 'rowwise' is a torchao recipe; Transformer Engine has "
                            "delayed, tensorwise, blockwise, mxfp8")
@@ -156,8 +163,9 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, pre_process
     spec = block_spec(backend, model.parallel_residual, num_layers_here,
                       float8=model.fp8 if fp8_backend == "torchao" else None)
     if fp8_backend == "torchao":
-        from megatron_sfm.model.float8 import describe
+        from megatron_sfm.model.float8 import check_shapes, describe
 
+        check_shapes(model, parallel.tensor_model_parallel_size)
         log.info(describe(model.fp8))
     gpt = GPTModel(
         config=config,

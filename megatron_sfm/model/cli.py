@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
     rate.add_argument("--bench", default=None,
                       help="an sfm bench JSON report: its fastest ok row's TFLOP/s per GPU for the cost")
     s.add_argument("--bench-row", default=None, help="the label of the report row to use instead of the fastest")
+    s.add_argument("--bench-any-shape", action="store_true",
+                   help="use the --bench row even if it was measured on another layer shape")
     s.add_argument("--gpus", type=int, default=None, help="GPUs of the run: adds the wall time")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     sub.add_parser("presets", help="list the model presets")
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
     from megatron_sfm.model.summary import summarize
 
     summary = summarize(cfg.model, cfg.parallel, args.dp)
-    cost = _cost(args, summary.flops_per_token)
+    cost = _cost(args, summary.flops_per_token, cfg.model)
     if args.json:
         out = summary.to_dict()
         if cost is not None:
@@ -84,7 +86,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _cost(args, flops_per_token: float):
+def _cost(args, flops_per_token: float, model):
     from megatron_sfm.errors import ConfigError
     from megatron_sfm.model.cost import Throughput, estimate, throughput_from_bench
 
@@ -95,10 +97,11 @@ def _cost(args, flops_per_token: float):
         return None
     if not rate_given:
         raise ConfigError("--tokens: give the throughput too (--tflops X or --bench REPORT.json)")
-    if args.bench_row is not None and args.bench is None:
-        raise ConfigError("--bench-row: only with --bench")
+    if (args.bench_row is not None or args.bench_any_shape) and args.bench is None:
+        raise ConfigError("--bench-row / --bench-any-shape: only with --bench")
     if args.bench is not None:
-        throughput = throughput_from_bench(args.bench, args.bench_row)
+        throughput = throughput_from_bench(args.bench, args.bench_row,
+                                           None if args.bench_any_shape else model)
     else:
         throughput = Throughput(args.tflops, "given (--tflops)")
     return estimate(flops_per_token, args.tokens, throughput, args.gpus)

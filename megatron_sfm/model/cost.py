@@ -13,6 +13,7 @@ communication and checkpoint stalls of a multi-node run come on top.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -41,8 +42,16 @@ class CostEstimate:
         return asdict(self)
 
 
-def throughput_from_bench(path: str | Path, label: Optional[str] = None) -> Throughput:
-    """TFLOP/s per GPU of one row of an ``sfm bench`` report (fastest ok row by default)."""
+SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length")
+
+
+def throughput_from_bench(path: str | Path, label: Optional[str] = None, model=None) -> Throughput:
+    """TFLOP/s per GPU of one row of an ``sfm bench`` report (fastest ok row by default).
+
+    With ``model`` (a ModelConfig), the row must have been measured on the same layer shape
+    (hidden size, heads, FFN, sequence length; the number of layers may differ): a
+    throughput measured on another shape does not transfer.
+    """
     from megatron_sfm.benchmark.report import check_report
 
     path = Path(path)
@@ -64,6 +73,15 @@ def throughput_from_bench(path: str | Path, label: Optional[str] = None) -> Thro
     if not rows:
         raise SfmError(f"{path}: no row of this report finished (status ok)")
     row = max(rows, key=lambda r: r["tflops_per_gpu"])
+    if model is not None:
+        measured = {k: report["model"].get(k) for k in SHAPE_FIELDS}
+        measured["seq_length"] = row["seq_length"]
+        wanted = {"hidden_size": model.hidden_size, "num_attention_heads": model.num_attention_heads,
+                  "ffn_hidden_size": model.ffn_size, "seq_length": model.seq_length}
+        diff = [f"{k} {measured[k]} (model: {wanted[k]})" for k in SHAPE_FIELDS if measured[k] != wanted[k]]
+        if diff:
+            raise SfmError(f"{path}: row {row['label']!r} was measured on another shape: {', '.join(diff)} "
+                           f"(--bench-any-shape to use it anyway)")
     device = report["device"]
     source = (f"{path.name}: row {row['label']!r}, {device.get('name') or device['type']} x{device['world_size']}, "
               f"{report['created'][:10]}")
@@ -73,9 +91,9 @@ def throughput_from_bench(path: str | Path, label: Optional[str] = None) -> Thro
 def estimate(flops_per_token: float, tokens: float, throughput: Throughput,
              gpus: Optional[int] = None) -> CostEstimate:
     """GPU-hours (and wall hours on ``gpus`` GPUs) for ``tokens`` training tokens."""
-    if tokens <= 0:
+    if not math.isfinite(tokens) or tokens <= 0:
         raise SfmError(f"--tokens: must be positive, got {tokens:g}")
-    if throughput.tflops_per_gpu <= 0:
+    if not math.isfinite(throughput.tflops_per_gpu) or throughput.tflops_per_gpu <= 0:
         raise SfmError(f"throughput: TFLOP/s per GPU must be positive, got {throughput.tflops_per_gpu:g}")
     if gpus is not None and gpus <= 0:
         raise SfmError(f"--gpus: must be positive, got {gpus}")

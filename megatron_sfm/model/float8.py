@@ -92,6 +92,23 @@ def check_usable(fp8: FP8Config) -> None:
                        f"this GPU ({torch.cuda.get_device_name()}) has {capability[0]}.{capability[1]}")
 
 
+def check_shapes(model, tensor_parallel_size: int) -> None:
+    """Float8 GEMMs (``torch._scaled_mm``) need every dimension divisible by 16.
+
+    Checked for emulation too, so a config that passes on a CPU does not fail on the GPU.
+    Tokens per micro-batch are micro-batch x sequence: a sequence length divisible by 16
+    covers them.
+    """
+    tp = tensor_parallel_size
+    qkv = 3 * model.num_attention_heads * model.head_dim
+    dims = {"model.hidden_size": model.hidden_size, "model.hidden_size / TP": model.hidden_size // tp,
+            "model.ffn_hidden_size / TP": model.ffn_size // tp, "qkv width / TP": qkv // tp,
+            "model.seq_length": model.seq_length}
+    bad = [f"{name} = {value}" for name, value in dims.items() if value % 16]
+    if bad:
+        raise ConfigError(f"model.fp8: torchao float8 GEMMs need dimensions divisible by 16; {', '.join(bad)} is not")
+
+
 def torchao_config(fp8: FP8Config) -> Any:
     """The ``torchao.float8.Float8LinearConfig`` for our FP8 config."""
     float8, _ = _torchao()
@@ -115,10 +132,22 @@ def _mm_config(config) -> Any:
                           one(config.gemm_config_grad_weight))
 
 
+# One compiled function serves every float8 linear; dynamo keeps one graph per weight
+# shape, recipe and grad mode (4 shapes per model, twice with evaluation or activation
+# recomputation under no_grad, more in a bench sweep). Past dynamo's default limit of 8 it
+# would silently fall back to eager float8, slower than bf16: raise the limit.
+RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_matmul():
+    import torch._dynamo.config as dynamo_config
+
     _, float8_linear = _torchao()
     matmul = float8_linear.matmul_with_hp_or_float8_args
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
 
     def run(input_, weight_t, mm_config, config):
         return matmul.apply(input_, weight_t, mm_config, config)

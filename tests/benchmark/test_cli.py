@@ -169,3 +169,9 @@ def test_model_cost_reads_the_throughput_of_a_real_report(two_backends, tmp_path
     assert main(["model", "summary", "--config", TINY, "--tokens", "1e9", "--bench", str(path),
                  "--bench-row", "flash9"]) == 2
     assert "no ok row labelled 'flash9'" in capsys.readouterr().err
+    # a throughput measured on another layer shape does not size this model, unless asked
+    assert main(["model", "summary", "--preset", "pythia-6.9b", "--tokens", "1e9", "--bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "measured on another shape" in err and "hidden_size" in err and "(model: 4096)" in err
+    assert main(["model", "summary", "--preset", "pythia-6.9b", "--tokens", "1e9", "--bench", str(path),
+                 "--bench-any-shape"]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -122,7 +124,8 @@ def fp8_model_loss(tp: int, sequence_parallel: bool = False, fp8: bool = True) -
     loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean()
     loss.backward()
     grad_norm = sum(p.grad.double().pow(2).sum() for p in model.parameters()).sqrt().item()
-    return {"loss": loss.item(), "float8_linears": len(float8_linears(model)), "finite_grads": grad_norm == grad_norm}
+    return {"loss": loss.item(), "float8_linears": len(float8_linears(model)),
+            "finite_grads": math.isfinite(grad_norm) and grad_norm > 0}
 
 
 def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:

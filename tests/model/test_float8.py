@@ -208,3 +208,43 @@ def test_compiled_float8_matmul_equals_eager(single_process_parallel):
         results.append((y.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
     for ours, ref in zip(results[1], results[0]):
         assert torch.equal(ours, ref)
+
+
+def test_compiled_matmul_raises_dynamo_recompile_limit():
+    """Shapes x recipes x grad modes exceed dynamo's default of 8 graphs; past it float8 would
+    silently run eager."""
+    import torch._dynamo.config as dynamo_config
+
+    from megatron_sfm.model.float8 import RECOMPILE_LIMIT, _compiled_matmul
+
+    _compiled_matmul()
+    limit = getattr(dynamo_config, "recompile_limit", None) or dynamo_config.cache_size_limit
+    assert limit >= RECOMPILE_LIMIT >= 16
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("hidden_size", 72, "model.hidden_size = 72"),
+    ("ffn_hidden_size", 136, "model.ffn_hidden_size / TP = 136"),
+    ("seq_length", 20, "model.seq_length = 20"),
+])
+def test_float8_shapes_must_be_multiples_of_16(field, value, named, single_process_parallel):
+    """torch._scaled_mm's rule, checked under emulation too so a CPU-valid config is GPU-valid."""
+    from megatron_sfm.model.builder import build_gpt_model
+
+    kw = {field: value}
+    if field == "hidden_size":
+        kw["num_attention_heads"] = 4
+    with pytest.raises(SfmError, match=named.replace("/", r"\/")):
+        build_gpt_model(tiny(fp8=fp8(), **kw), ParallelConfig())
+
+
+def test_te_fp8_only_with_te_layers(monkeypatch):
+    """With TE importable, TE FP8 needs TE's linears: sdpa attention + backend te is an error,
+    and backend auto falls to torchao instead of a silently-bf16 TE config."""
+    import megatron_sfm.model.builder as builder
+
+    monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
+    with pytest.raises(SfmError, match="TE's linears"):
+        builder.check_fp8(tiny(attention_backend="sdpa", fp8=FP8Config(format="hybrid", backend="te")))
+    assert builder.check_fp8(tiny(attention_backend="sdpa", fp8=fp8(backend="auto"))) == "torchao"
+    assert builder.check_fp8(tiny(attention_backend="auto", fp8=FP8Config(format="hybrid", backend="auto"))) == "te"

@@ -93,8 +93,10 @@ def test_cost_from_tokens_and_a_given_throughput(capsys):
 @pytest.mark.parametrize("args,message", [
     (["--tflops", "449"], "--tokens: needed"),
     (["--tokens", "1e9"], "--tokens: give the throughput"),
-    (["--tokens", "1e9", "--tflops", "449", "--bench-row", "sdpa"], "--bench-row: only with --bench"),
+    (["--tokens", "1e9", "--tflops", "449", "--bench-row", "sdpa"], "only with --bench"),
     (["--tokens", "-5", "--tflops", "449"], "--tokens: must be positive"),
+    (["--tokens", "nan", "--tflops", "449"], "--tokens: must be positive"),
+    (["--tokens", "1e9", "--tflops", "inf"], "TFLOP/s per GPU must be positive"),
     (["--tokens", "1e9", "--bench", "/nonexistent/bench.json"], "bench report not found"),
 ])
 def test_cost_arguments_are_checked(args, message, capsys):
