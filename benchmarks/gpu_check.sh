@@ -117,7 +117,7 @@ run_stage() {
   local dt=$((SECONDS - t0)) status=ok note=""
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=timeout; note="killed after ${limit}s";
   elif [ "$rc" -ne 0 ]; then status=failed; note="exit $rc"; fi
-  note="${note:+$note; }$(grep -v '^[][{}(), "]*$' "$WORK/$name.log" | grep -v '^ENV_JSON' | tail -n 1 | tr '\t' ' ' | cut -c1-200)"
+  note="${note:+$note; }$(grep -v '^[][{}(), "]*$' "$WORK/$name.log" | grep -v '^ENV_JSON' | grep -v -E '^(\[rank[0-9]+\]:)?[WI][0-9]{4} ' | tail -n 1 | tr '\t' ' ' | cut -c1-200)"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$dt" "$note" >> "$STAGES"
   say "stage $name: $status (rc $rc, ${dt}s)"
   return 0
@@ -149,6 +149,8 @@ if torch.cuda.is_available():
     facts.update(device=p.name, capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
                  memory_gib=round(p.total_memory / 2**30, 1))
 print("ENV_JSON " + json.dumps(facts))
+print(f"env: {facts.get('device', 'no GPU')}, torch {facts['torch']}, megatron-core {facts['megatron.core']}, "
+      f"torchao {facts['torchao']}")
 EOF
 }
 
