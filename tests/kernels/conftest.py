@@ -28,7 +28,7 @@ def _one_config_on_gpu(monkeypatch):
     if ON_GPU:
         from megatron_sfm.kernels import attention
 
-        monkeypatch.setattr(attention, "FIXED_BLOCKS", {"fwd": (64, 64), "dkdv": (32, 64), "dq": (64, 64)})
+        monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(attention.GPU_TEST_BLOCKS))
 
 
 @pytest.fixture
