@@ -161,20 +161,19 @@ class Sm90Driver:
 
 @contextlib.contextmanager
 def _environ(**values: Optional[str]):
+    def apply(settings: dict) -> None:  # None: unset
+        for k, v in settings.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 def load_compiled_module(path: str, name: str):

@@ -291,11 +291,8 @@ def release_training_state(state: TrainingState) -> None:
             if clear_cache is not None and type(module) not in cleared:
                 clear_cache()
                 cleared.add(type(module))
-        handles = getattr(chunk, "remove_forward_pre_hook_handles", None)
-        if isinstance(handles, dict):  # overlap_param_gather: module pre-hooks close over DDP
-            for handle in handles.values():
-                handle.remove()
-            handles.clear()
+        if getattr(chunk, "use_forward_hook", False) and chunk.remove_forward_pre_hook_handles:
+            chunk.disable_forward_pre_hook(param_sync=False)  # overlap_param_gather: the hooks close over DDP
         accs = getattr(chunk, "grad_accs", None)
         if isinstance(accs, list):
             accs.clear()
