@@ -1,28 +1,12 @@
 """megatron-sfm: alignment-pretraining experiments on Megatron-Core.
 
-The three side folders (kernels/, data_tools/, evaluation/) install as subpackages of
-``megatron_sfm`` through ``package_dir`` so that nothing shadows another distribution's
-top-level name (PyPI's ``kernels`` is imported by transformers).
+One top-level package, ``megatron_sfm``; the kernels, data tools and evaluation live
+inside it (``megatron_sfm/kernels`` ...), so nothing in the checkout shadows another
+distribution's top-level name (PyPI's ``kernels`` is imported by transformers) and every
+file's path equals its module name.
 """
 from setuptools import find_packages, setup
 
-SIDE_FOLDERS = ("kernels", "data_tools", "evaluation")
-
-
-def _packages():
-    packages = find_packages(include=["megatron_sfm", "megatron_sfm.*"])
-    package_dir = {"megatron_sfm": "megatron_sfm"}
-    for folder in SIDE_FOLDERS:
-        name = f"megatron_sfm.{folder}"
-        package_dir[name] = folder
-        packages.append(name)
-        for sub in find_packages(where=folder):
-            packages.append(f"{name}.{sub}")
-            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
-    return packages, package_dir
-
-
-PACKAGES, PACKAGE_DIR = _packages()
 
 setup(
     name="megatron-sfm",
@@ -31,11 +15,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
+    packages=find_packages(include=["megatron_sfm", "megatron_sfm.*"]),
     include_package_data=True,
     package_data={
-        "megatron_sfm": ["config/presets/*.yaml", "resources/**/*"],
         "megatron_sfm.data_tools": ["resources/**/*", "resources/*"],
         "megatron_sfm.evaluation": ["resources/**/*", "resources/*"],
     },

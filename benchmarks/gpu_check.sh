@@ -86,9 +86,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=erro
 START=$SECONDS
 DEADLINE=$((START + BUDGET))
 PY=python3
-# -P: `python -m` must not put the checkout (whose megatron_sfm/ lacks the side folders
-# kernels/, data_tools/, evaluation/) ahead of the installed package
-SFM=("$PY" -P -m megatron_sfm.cli)
+SFM=("$PY" -m megatron_sfm.cli)
 PYTEST="$(dirname "$(command -v "$PY")")/pytest"
 [ -x "$PYTEST" ] || PYTEST=pytest
 
@@ -155,9 +153,8 @@ EOF
 }
 
 setup_gpu() {
-  # Megatron-Core (and any other wheel carried in .whl/), then this checkout as an
-  # installed package: megatron_sfm with its side folders (kernels/, data_tools/,
-  # evaluation/) mapped in as setup.py's package_dir does.
+  # Megatron-Core (and any other wheel carried in .whl/), then this checkout's
+  # megatron_sfm/ package (kernels, data tools and evaluation live inside it).
   set -e
   mkdir -p /tmp/site
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -168,9 +165,6 @@ setup_gpu() {
   fi
   rm -rf /tmp/site/megatron_sfm
   cp -r megatron_sfm /tmp/site/megatron_sfm
-  for side in kernels data_tools evaluation; do
-    [ -d "$side" ] && cp -r "$side" "/tmp/site/megatron_sfm/$side"
-  done
   PYTHONPATH=/tmp/site $PY -c "import megatron.core, megatron_sfm.kernels, megatron_sfm.model.builder; print('megatron-core', megatron.core.__version__ if hasattr(megatron.core, '__version__') else 'ok')"
 }
 

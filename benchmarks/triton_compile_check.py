@@ -20,7 +20,7 @@ compiled once. A binary that needs more shared memory than an H100 block may use
 
 Prints one row per kernel x case x configuration: ``ok`` or ``error`` with the first
 line of the error; exit status 1 when anything failed, 2 on a usage error. Run it with
-the Triton of the GPU image (e.g. ``/path/to/venv/bin/python -P benchmarks/...``) to
+the Triton of the GPU image (e.g. ``/path/to/venv/bin/python benchmarks/...``) to
 check that version. See docs/kernels.md ("Compile check").
 """
 

@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e .
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec "$PY" -P -m megatron_sfm.cli demo "$@"
+exec "$PY" -m megatron_sfm.cli demo "$@"

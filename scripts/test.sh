@@ -11,6 +11,4 @@ PY=${PYTHON:-python3}
 if [ -x scripts/ci-services.sh ] || [ -f scripts/ci-services.sh ]; then
   eval "$(bash scripts/ci-services.sh start)"
 fi
-# -P: do not put the repository root on sys.path (its kernels/ folder would shadow
-# the PyPI package of that name, which transformers imports).
-exec "$PY" -P -m pytest -p no:cacheprovider "$@"
+exec "$PY" -m pytest -p no:cacheprovider "$@"

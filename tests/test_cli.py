@@ -1,7 +1,11 @@
 """The ``sfm`` dispatcher and the package layout."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from megatron_sfm.cli import GROUPS, available_groups
 
@@ -21,14 +25,27 @@ def test_unknown_command_exits_2():
     assert proc.returncode == 2 and "unknown command" in proc.stderr
 
 
-def test_side_folders_install_under_megatron_sfm():
-    code = ("import importlib.util, megatron_sfm.kernels, megatron_sfm.data_tools, megatron_sfm.evaluation;"
-            "import sys; sys.exit(0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
-    # no top-level 'kernels' of ours shadows PyPI's (transformers imports that name)
-    probe = "import importlib.util as u; s=u.find_spec('kernels'); print(s.origin if s else 'none')"
-    out = subprocess.run([sys.executable, "-c", probe], cwd="/", capture_output=True, text=True).stdout
-    assert "megatron_sfm" not in out and "/kernels/__init__.py" not in out.replace("site-packages/kernels", "")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("cwd", ["/", str(REPO)])
+def test_layout_imports_from_any_working_directory(cwd):
+    code = ("import megatron_sfm.kernels, megatron_sfm.data_tools, megatron_sfm.evaluation, pathlib, sys;"
+            "import megatron_sfm.kernels.attention as m;"
+            "sys.exit(0 if pathlib.Path(m.__file__).parts[-3:] == ('megatron_sfm', 'kernels', 'attention.py') else 3)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=cwd).returncode == 0
+    # nothing of ours is importable under a top-level name other than megatron_sfm, even
+    # with the checkout first on sys.path (python -c from the repository root)
+    probe = ("import importlib.util as u, json;"
+             "print(json.dumps({n: getattr(u.find_spec(n), 'origin', None) for n in "
+             "['kernels', 'data_tools', 'evaluation', 'benchmarks', 'examples', 'scripts', 'tests']}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    for name, origin in json.loads(out).items():
+        assert origin is None or not str(origin).startswith(str(REPO)), (name, origin)
+    # what broke before: transformers imports PyPI's `kernels`, which a root folder shadowed
+    proc = subprocess.run([sys.executable, "-c", "from transformers import GPTNeoXForCausalLM"], cwd=cwd,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cli_import_is_light():

@@ -211,7 +211,7 @@ class DemoRun:
             started = time.time()
             log_path = run_dir / "train.log"
             with open(log_path, "w") as log:
-                proc = subprocess.run([sys.executable, "-P", "-m", "megatron_sfm.cli", "train", str(cfg_path)],
+                proc = subprocess.run([sys.executable, "-m", "megatron_sfm.cli", "train", str(cfg_path)],
                                       stdout=log, stderr=subprocess.STDOUT, env=env)
             if proc.returncode != 0:
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]

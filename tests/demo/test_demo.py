@@ -15,7 +15,7 @@ from megatron_sfm.demo.pipeline import CONDITIONS, LABELS
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-P", "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout
@@ -70,7 +70,7 @@ def test_rerun_skips_finished_stages(demo_dir):
     markers = sorted((out / ".stages").glob("*.done"))
     assert len(markers) >= 8 + 4  # eight stages and one per trained condition
     before = {m.name: m.stat().st_mtime_ns for m in markers}
-    proc = subprocess.run([sys.executable, "-P", "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
     assert proc.stdout.count("done before, skipped") == 8

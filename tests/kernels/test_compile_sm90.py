@@ -139,7 +139,7 @@ def test_a_kernel_that_does_not_compile_is_reported(check, tmp_path):
     kernel = tmp_path / "broken_kernel.py"
     kernel.write_text(BROKEN_KERNEL)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-P", "-c", COMPILE_BROKEN, str(CHECK_PATH), str(kernel),
+    proc = subprocess.run([sys.executable, "-c", COMPILE_BROKEN, str(CHECK_PATH), str(kernel),
                            str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
