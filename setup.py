@@ -20,6 +20,7 @@ setup(
     package_data={
         "megatron_sfm.data_tools": ["resources/**/*", "resources/*"],
         "megatron_sfm.evaluation": ["resources/**/*", "resources/*"],
+        "megatron_sfm.launch": ["templates/*"],
     },
     install_requires=[
         "megatron-core==0.16.1",
@@ -31,6 +32,7 @@ setup(
         "triton; platform_system == 'Linux'",
         "transformers",
         "safetensors",
+        "xxhash",  # checkpoint content checksums (megatron_sfm/checkpoint_format.py)
         "tensorboard",
         "pyyaml",
         "rich",
@@ -41,13 +43,15 @@ setup(
         "zstandard",
         "pyarrow",
         "gigatoken",
+        "openai[aiohttp]>=2",  # data_tools synthesis: OpenAI-compatible endpoints (vLLM, ...)
+        "datasketch",  # data_tools synthesis: MinHash near-duplicate detection
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         # FP8 without Transformer Engine: torchao float8 training (megatron_sfm/model/float8.py)
         "fp8": ["torchao==0.18.0"],
         "eval": ["lm-eval[hf]==0.4.13", "accelerate"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "transformers[serving]"],  # serving: the synthesis e2e test
     },
     entry_points={"console_scripts": ["sfm=megatron_sfm.cli:main"]},
 )

@@ -72,14 +72,13 @@ def write_random_hf(folder: Path, preset: str = "pythia-1.4b") -> dict:
 
     from megatron_sfm.config.presets import model_preset
     from megatron_sfm.config.schema import ModelConfig
-    from megatron_sfm.conversion.hf_config import hf_config_dict
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
     from megatron_sfm.conversion.hf_writer import TensorSpec, write_sharded
-    from megatron_sfm.conversion.importer import expected_hf_shapes
 
     model = ModelConfig(**model_preset(preset))
     padded = model.padded_vocab(1)
     folder.mkdir(parents=True, exist_ok=True)
-    specs = [TensorSpec(k, s, torch.float16) for k, s in expected_hf_shapes(model, padded).items()]
+    specs = [TensorSpec(k, s, torch.float16) for k, s in GPTNeoXAdapter.hf_shapes(model, padded).items()]
     gen = torch.Generator().manual_seed(0)
 
     def produce(spec):
@@ -89,7 +88,7 @@ def write_random_hf(folder: Path, preset: str = "pythia-1.4b") -> dict:
         return (0.02 * torch.randn(spec.shape, generator=gen)).half()
 
     write_sharded(folder, specs, produce)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(model, padded, "fp16"), indent=2))
+    (folder / "config.json").write_text(json.dumps(GPTNeoXAdapter.hf_config(model, padded, "fp16"), indent=2))
     return {"parameters": sum(s.nbytes for s in specs) // 2, "bytes_fp16": sum(s.nbytes for s in specs)}
 
 

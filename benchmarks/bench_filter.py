@@ -11,6 +11,13 @@ times its real ``RegexFilter`` when installed in a side folder). Documents come 
 bench_data_corpus.py. Our matcher is timed with its default backend (ahocorasick-rs when
 installed) and with pyahocorasick. A last row times the full ``run_filter`` on a JSONL
 shard (read, classify, write kept/flagged) with 1 worker, ``--reps`` times (median).
+
+``--whole-process-mb N`` (with ``--only-whole-process`` to skip the rest) times whole
+processes instead, start-up included, on an N MB JSONL from bench_data_corpus.py,
+``--reps`` paired runs with the order alternating: ``sfm data filter SHARD --out DIR
+--no-progress`` (1 worker) beside a bare pyahocorasick script (read lines, orjson, lower
+case, flag a document when any term occurs anywhere, write kept/flagged lines; no word
+boundaries and no two-stage rule, so a lower bound on a filter's cost).
 """
 
 from __future__ import annotations
@@ -62,14 +69,74 @@ def rate(fn, docs) -> tuple[float, float, int]:
     return nbytes / (time.perf_counter() - t0) / 1e6, nbytes / (time.process_time() - c0) / 1e6, flagged
 
 
+BARE_PYAHOCORASICK = r"""
+import json, sys, ahocorasick, orjson
+terms_file, shard, out = sys.argv[1:4]
+automaton = ahocorasick.Automaton()
+for term in json.load(open(terms_file)):
+    automaton.add_word(term, term)
+automaton.make_automaton()
+with open(shard, "rb") as f, open(out + ".kept.jsonl", "wb") as kept, open(out + ".flagged.jsonl", "wb") as flagged:
+    for line in f:
+        text = orjson.loads(line)["text"].lower()
+        (flagged if next(automaton.iter(text), None) is not None else kept).write(line)
+"""
+
+
+def whole_process(args) -> dict:
+    """Paired whole-process runs: `sfm data filter` vs the bare pyahocorasick script."""
+    import subprocess
+
+    from bench_data_corpus import write_jsonl
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    shard = work / f"corpus_{args.whole_process_mb:g}mb.jsonl"
+    if not shard.exists():
+        write_jsonl(shard, int(args.whole_process_mb * 1e6))
+    terms = sorted({t.lower() for ts in TermLists.load().categories.values() for t in ts})
+    (work / "terms.json").write_text(json.dumps(terms))
+    commands = {
+        "sfm_data_filter": [sys.executable, "-m", "megatron_sfm.cli", "data", "filter", str(shard), "--out",
+                            str(work / "filter_out"), "--no-progress"],
+        "bare_pyahocorasick": [sys.executable, "-c", BARE_PYAHOCORASICK, str(work / "terms.json"), str(shard),
+                               str(work / "bare")],
+    }
+    import resource
+
+    size = shard.stat().st_size
+    runs = []
+    for rep in range(args.reps):
+        for name in (list(commands) if rep % 2 == 0 else list(commands)[::-1]):
+            shutil.rmtree(work / "filter_out", ignore_errors=True)
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(commands[name], check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            runs.append({"rep": rep, "path": name, "s": round(wall, 2), "cpu_s": round(cpu, 2),
+                         "load": round(os.getloadavg()[0], 1)})
+    med = {name: {"s": statistics.median(r["s"] for r in runs if r["path"] == name),
+                  "cpu_s": statistics.median(r["cpu_s"] for r in runs if r["path"] == name)} for name in commands}
+    return {"corpus_mb": round(size / 1e6, 1), "runs": runs, "median": med}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--whole-process-mb", type=float, default=0, help="also time whole processes on an N MB JSONL")
+    ap.add_argument("--only-whole-process", action="store_true")
+    ap.add_argument("--workdir", default="/tmp/sfm_bench_filter")
     ap.add_argument("--mb", type=float, default=64, help="MB of text for the Aho-Corasick run")
     ap.add_argument("--regex-mb", type=float, default=2, help="MB of text for the (slow) regex run")
     ap.add_argument("--reps", type=int, default=5, help="run_filter repetitions (median reported)")
     ap.add_argument("--datatrove-path", default=None,
                     help="folder where datatrove is installed (pip install --no-deps --target DIR datatrove loguru humanize)")
     args = ap.parse_args()
+    if args.only_whole_process:
+        print(json.dumps({"load_average_before": os.getloadavg(), **whole_process(args),
+                          "load_average_after": os.getloadavg()}, indent=2))
+        return
     pool = sentence_pool()
     docs = make_documents(int(args.mb * 1e6), seed=1, pool=pool)
     lists = TermLists.load()
@@ -134,6 +201,8 @@ def main() -> None:
         "disagreements_on_regex_sample": disagree,
         "regex_sample_docs": len(small),
     }
+    if args.whole_process_mb:
+        result["whole_process"] = whole_process(args)
     print(json.dumps(result, indent=2))
 
 

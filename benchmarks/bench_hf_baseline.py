@@ -8,7 +8,7 @@ random tokens generated on the device, the config's micro-batch and global batch
 * ``amp``  fp32 parameters and optimizer state, bf16 autocast (the HF Trainer's bf16 mode);
 * ``bf16`` bf16 parameters, gradients and optimizer state.
 
-The shape comes from our run config (``megatron_sfm.conversion.hf_config.hf_config_dict``),
+The shape comes from our run config (``GPTNeoXAdapter.hf_config`` in ``megatron_sfm.conversion.gpt_neox``),
 TFLOP/s and MFU from ``megatron_sfm.metrics.step_metrics`` (Megatron-LM's formula), so
 the numbers compare one to one with ``sfm bench`` rows. Timing: warm-up steps excluded;
 forward (to the loss) / backward / optimizer (clip, step, zero_grad) with CUDA events.
@@ -36,9 +36,9 @@ MODES = {"amp": "fp32 params + bf16 autocast", "bf16": "bf16 params and optimize
 def build_model(model_cfg, mode: str, device: torch.device):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from megatron_sfm.conversion.hf_config import hf_config_dict
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
-    config = GPTNeoXConfig(**hf_config_dict(model_cfg, model_cfg.padded_vocab(), "fp32"))
+    config = GPTNeoXConfig(**GPTNeoXAdapter.hf_config(model_cfg, model_cfg.padded_vocab(), "fp32"))
     config._attn_implementation = "sdpa"
     config.use_cache = False
     with torch.device(device):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -46,6 +47,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and (dataclasses.is_dataclass(inner[0])
+                                or typing.get_origin(inner[0]) in (list, tuple, dict)):
+            raise ConfigError(errors[0]) from None  # `Section | None`: the inner error names the deeper key
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -55,7 +60,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        inner = (typing.get_args(tp) + (Any, Any))[1]  # dict[str, X]: each value checked as X
+        return {k: _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is Any:
@@ -81,6 +87,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
+    if tp is Path:
+        if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+            raise ConfigError(f"{key}: expected a path, got {type(value).__name__} {value!r}")
+        return Path(value)
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
 
@@ -93,11 +103,33 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = [n for n in names if n.startswith(str(key)[:3])]
+            close = [n for n in names if n.startswith(str(key)[:3])] \
+                or difflib.get_close_matches(str(key), sorted(names), n=3, cutoff=0.6)  # sed -> seed
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{full}: unknown key{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in kwargs and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}.{f.name}: required" if prefix else f"{f.name}: required")
     return cls(**kwargs)
+
+
+def dataclass_from_dict(cls: type, data: Any, source: str | os.PathLike | None = None) -> Any:
+    """Build the dataclass ``cls`` from nested plain data (e.g. parsed YAML), strictly.
+
+    The same checks as the run config: unknown keys (with a "did you mean"), types
+    (``int``, ``float``, ``bool``, ``str``, ``Path``, ``Literal``, ``X | None``, lists,
+    dicts and nested dataclasses), and required fields (those without a default).
+    Errors are :class:`ConfigError` naming the key (``stages[0].slurm.time: ...``),
+    prefixed with ``source`` (a file name) when given.
+    """
+    try:
+        return _build(cls, data, "")
+    except ConfigError as exc:
+        if source is not None:
+            raise ConfigError(f"{source}: {exc}") from None
+        raise
 
 
 def _expand_presets(data: dict) -> dict:
@@ -175,23 +207,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    """A config file's top-level mapping (``{}`` when empty); errors are ``ConfigError`` lines."""
+    from megatron_sfm.utils.readers import read_yaml as _read
+
+    return _read(path, error=ConfigError)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

@@ -138,8 +138,9 @@ class DataConfig:
     stage: Optional[str] = None  # which stage of the phases JSON (pretrain / midtrain); needed with several
     mock: bool = False
     tokenizer: Optional[str] = None  # tokenizer.json / HF folder / sentencepiece .model
-    split_seed: int = 1234
-    num_workers: int = 0
+    # dataset seed (Megatron's random_seed) for data that carries none (hand-written blends, mock);
+    # sfm data mix output carries its spec's seed, and a different value here is refused
+    split_seed: Optional[int] = None  # None: the data's seed, else 1234
     cache_dir: Optional[str] = None  # Megatron's dataset index cache; None: beside the blend
     eod_token_id: int = 0  # end-of-document id (GPT-NeoX tokenizer: 0, "<|endoftext|>")
     pad_token_id: Optional[int] = None  # None: no padding token in the data (loss never masked by id)
@@ -158,6 +159,10 @@ class CheckpointConfig:
     keep_last: int = 0  # 0: keep all
     load_optimizer: bool = True  # False: resume model weights and progress, fresh optimizer state
     fully_parallel_save: bool = True  # spread the writing of replicated shards over data-parallel ranks
+    verify_checksums: bool = True  # check the manifest's content checksums on resume / init_from
+    # resume even though a schedule setting (train_iters, batch size, seq length, LR schedule,
+    # data blend) differs from the checkpoint's config; the change is logged and recorded
+    allow_schedule_change: bool = False
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``sfm convert``: checkpoints to and from Hugging Face GPTNeoX (docs/conversion.md).
 
     sfm convert to-hf runs/x/checkpoints --out hf/x [--iteration N] [--dtype fp32|bf16|fp16]
-                      [--tokenizer PATH] [--verify]
+                      [--tokenizer PATH] [--verify] [--no-verify-checksums]
     sfm convert from-hf pythia-160m/ --out runs/y/init --tp 2 --pp 1
 """
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     to = sub.add_parser("to-hf", help="our checkpoint (any TP/PP/DP) -> Hugging Face GPTNeoXForCausalLM folder")
     to.add_argument("ckpt_dir", help="checkpoint folder (with 'latest') or one iter_* folder")
-    to.add_argument("--out", required=True, help="Hugging Face folder to write (replaced atomically)")
+    to.add_argument("--out", required=True, help="Hugging Face folder to write (must be missing or empty)")
+    to.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, on success)")
     to.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
     to.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of the saved weights")
     to.add_argument("--tokenizer", default=None,
@@ -38,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare logits of our model and the exported one (fail above the tolerance)")
     to.add_argument("--tolerance", type=float, default=None, help="--verify max |logit diff| (default 1e-4)")
     to.add_argument("--max-shard-size", type=_size, default=None, help="largest safetensors file (default 5GB)")
+    to.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                    help="skip the content checksums of the checkpoint's manifest (sizes are still checked)")
 
     fr = sub.add_parser("from-hf", help="Pythia-style Hugging Face folder -> our checkpoint at a TP/PP layout")
     fr.add_argument("hf_dir", help="Hugging Face GPTNeoX folder (config.json + safetensors or pytorch_model.bin)")
-    fr.add_argument("--out", required=True, help="checkpoint folder to create (must not exist or be empty)")
+    fr.add_argument("--out", required=True, help="checkpoint folder to create (must be missing or empty)")
+    fr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, on success)")
     fr.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written checkpoint")
     fr.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     fr.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -81,7 +85,8 @@ def cmd_to_hf(args) -> int:
     start = time.perf_counter()
     out = export_to_hf(args.ckpt_dir, args.out, iteration=args.iteration, dtype=args.dtype,
                        tokenizer=args.tokenizer, verify=args.verify, max_shard_bytes=args.max_shard_size,
-                       verify_tolerance=args.tolerance, progress=True)
+                       verify_tolerance=args.tolerance, progress=True, overwrite=args.overwrite,
+                       verify_checksums=args.verify_checksums)
     elapsed = time.perf_counter() - start
     info = json.loads((out / "sfm_export.json").read_text())
     rows = [("output", str(out)), ("source", info["source"]), ("iteration", str(info["iteration"])),
@@ -101,7 +106,7 @@ def cmd_from_hf(args) -> int:
     from megatron_sfm.conversion.importer import import_from_hf
 
     start = time.perf_counter()
-    out = import_from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    out = import_from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
     elapsed = time.perf_counter() - start
     _summary("sfm convert from-hf", [
         ("output", str(out)), ("layout", f"TP {args.tp}, PP {args.pp} ({args.tp * args.pp} writer processes)"),

@@ -25,22 +25,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LAYER_PREFIX = "decoder.layers."
-# Parameter names inside one layer, as stored, with the Transformer Engine spelling of the
-# two layer norms as a fallback (docs/checkpoints.md).
-_LAYER_PARAMS = [
-    ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
-    ("input_layernorm.bias", "self_attention.linear_qkv.layer_norm_bias"),
-    ("self_attention.linear_qkv.weight", None),
-    ("self_attention.linear_qkv.bias", None),
-    ("self_attention.linear_proj.weight", None),
-    ("self_attention.linear_proj.bias", None),
-    ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
-    ("pre_mlp_layernorm.bias", "mlp.linear_fc1.layer_norm_bias"),
-    ("mlp.linear_fc1.weight", None),
-    ("mlp.linear_fc1.bias", None),
-    ("mlp.linear_fc2.weight", None),
-    ("mlp.linear_fc2.bias", None),
-]
 
 
 @dataclass(frozen=True)
@@ -55,10 +39,9 @@ class ExportItem:
 
 def _expected_shapes(model, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     """Our full-model key -> shape, in Hugging Face file order."""
-    from megatron_sfm.conversion.importer import expected_hf_shapes
-    from megatron_sfm.model.state_dict_adapter import hf_key_to_megatron
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
-    return {hf_key_to_megatron(k): v for k, v in expected_hf_shapes(model, padded_vocab).items()}
+    return {GPTNeoXAdapter.from_hf_key(k): v for k, v in GPTNeoXAdapter.hf_shapes(model, padded_vocab).items()}
 
 
 def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
@@ -68,7 +51,7 @@ def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
     embedding rows stored in the checkpoint). A missing tensor or a shape that disagrees
     with the config is an :class:`SfmError` naming the key.
     """
-    from megatron_sfm.model.state_dict_adapter import megatron_key_to_hf
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
     emb = "embedding.word_embeddings.weight"
     if emb not in reader:
@@ -77,7 +60,7 @@ def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
     expected = _expected_shapes(model, padded)
     items = []
     layer_keys: dict[str, str] = {}
-    for name, alias in _LAYER_PARAMS:
+    for name, alias in GPTNeoXAdapter.layer_params():
         key = _LAYER_PREFIX + name
         if key not in reader and alias is not None and _LAYER_PREFIX + alias in reader:
             key = _LAYER_PREFIX + alias
@@ -96,7 +79,7 @@ def plan_export(reader, model, where: str) -> tuple[list[ExportItem], int]:
         if tuple(found) != tuple(stored_shape):
             raise SfmError(f"{where}: tensor {key!r} has shape {list(found)} but the checkpoint's config.yaml "
                            f"implies {list(stored_shape)} (mismatched architecture)")
-        items.append(ExportItem(megatron_key_to_hf(ours), key, layer, tuple(shape)))
+        items.append(ExportItem(GPTNeoXAdapter.to_hf_key(ours), key, layer, tuple(shape)))
     return items, padded
 
 
@@ -113,7 +96,7 @@ def _resolve_tokenizer(tokenizer: str | None, run) -> Path | None:
     return None
 
 
-def load_tokenizer(path: Path):
+def load_hf_tokenizer(path: Path):
     """A transformers tokenizer from a Hugging Face folder or a ``tokenizer.json`` file."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -133,20 +116,17 @@ def load_tokenizer(path: Path):
     raise SfmError(f"{path}: unsupported tokenizer (give a Hugging Face tokenizer folder or a tokenizer.json)")
 
 
-def _prepare_output(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise SfmError(f"{out_dir}: exists and is not a folder")
-        entries = list(out_dir.iterdir())
-        if entries and not (out_dir / "config.json").exists():
-            raise SfmError(f"{out_dir}: exists, is not empty and is not a Hugging Face model folder "
-                           "(refusing to replace it)")
+def _prepare_output(out_dir: Path, overwrite: bool = False) -> None:
+    """``out_dir`` must be missing or empty unless ``overwrite`` (the rule of every output folder)."""
+    from megatron_sfm.utils.io import check_output_dir
+
+    check_output_dir(out_dir, overwrite=overwrite)
 
 
 def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iteration: int | None = None,
                  dtype: str = "fp32", tokenizer: str | None = None, verify: bool = False, *,
                  max_shard_bytes: int | None = None, verify_tolerance: float | None = None,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, overwrite: bool = False, verify_checksums: bool = True) -> Path:
     """Export a checkpoint of ``sfm train`` (or ``from-hf``) as a ``GPTNeoXForCausalLM`` folder.
 
     ``ckpt_dir`` is a checkpoint root (``latest`` picks the iteration unless ``iteration``
@@ -155,11 +135,14 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
     (default: the checkpoint config's ``data.tokenizer`` when that path exists).
     ``verify``: compare the logits of our model and the exported one and fail above the
     tolerance (see :mod:`megatron_sfm.conversion.verify`). The folder is written
-    atomically; an existing Hugging Face folder at ``out_dir`` is replaced. Returns ``out_dir``.
+    atomically; a non-empty ``out_dir`` is an error unless ``overwrite``, which replaces it
+    (atomically, once the export succeeded). The checkpoint folder is verified first
+    (manifest, sizes, and content checksums unless ``verify_checksums`` is false). Returns
+    ``out_dir``.
     """
-    from megatron_sfm.conversion import layout
+    from megatron_sfm import checkpoint_format as fmt
     from megatron_sfm.conversion.dcp_reader import DCPReader
-    from megatron_sfm.conversion.hf_config import generation_config_dict, hf_config_dict
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
     from megatron_sfm.conversion.hf_writer import (
         DEFAULT_MAX_SHARD_BYTES,
         TensorSpec,
@@ -171,13 +154,13 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
         raise SfmError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     torch_dtype = EXPORT_DTYPES[dtype]
     out_dir = Path(out_dir)
-    iter_dir = layout.resolve_iteration_dir(ckpt_dir, iteration)
-    layout.check_manifest(iter_dir)
-    run = layout.read_run_config(iter_dir)
+    iter_dir = fmt.resolve_checkpoint(ckpt_dir, iteration)
+    train_state = fmt.verify_checkpoint(iter_dir, checksums=verify_checksums)
+    run = fmt.read_run_config(iter_dir)
     model = run.model
     tok_path = _resolve_tokenizer(tokenizer, run)
-    tok = load_tokenizer(tok_path) if tok_path is not None else None
-    _prepare_output(out_dir)
+    tok = load_hf_tokenizer(tok_path) if tok_path is not None else None
+    _prepare_output(out_dir, overwrite)
 
     with DCPReader(iter_dir) as reader:
         items, padded = plan_export(reader, model, str(iter_dir))
@@ -207,14 +190,14 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
             tmp.chmod(0o755)
             with _progress(len(specs), enabled=progress) as advance:
                 write_sharded(tmp, specs, produce, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, on_tensor=advance)
-            config = hf_config_dict(model, padded, dtype, bos_token_id=bos, eos_token_id=eos,
+            config = GPTNeoXAdapter.hf_config(model, padded, dtype, bos_token_id=bos, eos_token_id=eos,
                                     tokenizer_vocab_size=tok_size)
             _write_json(tmp / "config.json", config)
-            _write_json(tmp / "generation_config.json", generation_config_dict(bos, eos))
+            _write_json(tmp / "generation_config.json", GPTNeoXAdapter.generation_config(bos, eos))
             if tok is not None:
                 tok.save_pretrained(str(tmp))
             _write_json(tmp / "sfm_export.json", {
-                "source": str(Path(iter_dir).resolve()), "iteration": layout.read_train_state(iter_dir).get("iteration"),
+                "source": str(Path(iter_dir).resolve()), "iteration": train_state["iteration"],
                 "dtype": dtype, "padded_vocab_size": padded, "tokenizer_vocab_size": tok_size,
                 "saved_layout": {"tensor_model_parallel_size": tp_saved,
                                  "pipeline_model_parallel_size": run.parallel.pipeline_model_parallel_size}})

@@ -47,7 +47,9 @@ def load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Some re-saved GPTNeoX checkpoints name the output layer by its transformers attribute.
-KEY_ALIASES = {"lm_head.weight": "embed_out.weight"}
+from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
+
+KEY_ALIASES = GPTNeoXAdapter.HF_KEY_ALIASES
 
 
 class HFWeights:

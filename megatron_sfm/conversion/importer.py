@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_sfm.errors import SfmError
+from megatron_sfm.utils.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ def _tokenizer_size(hf_dir: Path) -> int | None:
 
 def check_hf_tensors(weights, model_cfg, hf_dir: Path) -> None:
     """Every tensor GPTNeoX needs is present with the shape ``config.json`` implies."""
-    from megatron_sfm.model.state_dict_adapter import _HF_IGNORED, hf_key_to_megatron
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
-    expected = expected_hf_shapes(model_cfg, model_cfg.padded_vocab(1))
+    expected = GPTNeoXAdapter.hf_shapes(model_cfg, model_cfg.padded_vocab(1))
     for key in weights.keys():  # noqa: SIM118 - HFWeights, not a dict
-        if _HF_IGNORED.search(key):
+        if GPTNeoXAdapter.is_ignored_hf_key(key):
             continue
-        hf_key_to_megatron(key)  # unknown tensors are an error naming the key
+        GPTNeoXAdapter.from_hf_key(key)  # unknown tensors are an error naming the key
     for key, shape in expected.items():
         if key not in weights:
             raise SfmError(f"{hf_dir}: tensor {key!r} is missing (config.json describes {model_cfg.num_layers} "
@@ -63,30 +64,10 @@ def check_hf_tensors(weights, model_cfg, hf_dir: Path) -> None:
                            f"{list(shape)} (mismatched architecture)")
 
 
-def expected_hf_shapes(model_cfg, padded_vocab: int) -> dict[str, tuple[int, ...]]:
-    """HF file key -> shape for a GPTNeoX with ``model_cfg``'s architecture, in file order."""
-    h, f = model_cfg.hidden_size, model_cfg.ffn_size
-    out: dict[str, tuple[int, ...]] = {"gpt_neox.embed_in.weight": (padded_vocab, h)}
-    for i in range(model_cfg.num_layers):
-        p = f"gpt_neox.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-            p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-            p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
-            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
-            p + "mlp.dense_h_to_4h.weight": (f, h), p + "mlp.dense_h_to_4h.bias": (f,),
-            p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
-        })
-    out["gpt_neox.final_layer_norm.weight"] = (h,)
-    out["gpt_neox.final_layer_norm.bias"] = (h,)
-    out["embed_out.weight"] = (padded_vocab, h)
-    return out
-
-
 def plan_import(hf_dir: str | os.PathLike, tp: int, pp: int, dtype: str = "fp32"):
     """Validate ``hf_dir`` against the target layout; return the RunConfig to write."""
     from megatron_sfm.config.loader import config_from_dict, config_to_dict
-    from megatron_sfm.conversion.hf_config import model_config_from_hf, read_hf_config
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter, read_hf_config
     from megatron_sfm.conversion.hf_weights import HFWeights
 
     hf_dir = Path(hf_dir)
@@ -95,7 +76,7 @@ def plan_import(hf_dir: str | os.PathLike, tp: int, pp: int, dtype: str = "fp32"
     if tp < 1 or pp < 1:
         raise SfmError(f"--tp {tp} --pp {pp}: both must be at least 1")
     config = read_hf_config(hf_dir)
-    model_cfg = model_config_from_hf(config, path=str(hf_dir / "config.json"),
+    model_cfg = GPTNeoXAdapter.model_config(config, path=str(hf_dir / "config.json"),
                                      tokenizer_vocab_size=_tokenizer_size(hf_dir), precision=dtype)
     weights = HFWeights(hf_dir)
     check_hf_tensors(weights, model_cfg, hf_dir)
@@ -123,71 +104,46 @@ def plan_import(hf_dir: str | os.PathLike, tp: int, pp: int, dtype: str = "fp32"
 
 
 def import_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
-                   dtype: str = "fp32", timeout: float = 3600) -> Path:
+                   dtype: str = "fp32", timeout: float = 3600, overwrite: bool = False) -> Path:
     """Convert a Hugging Face GPTNeoX folder to our checkpoint at layout (``tp``, ``pp``).
 
     ``dtype`` is the dtype the tensors are stored in (fp32 keeps fp16/bf16/fp32 weights
     exactly). Returns the checkpoint root (with ``latest`` and ``iter_0000000``).
     The write is atomic: ``out_dir`` appears only when complete. An existing non-empty
-    ``out_dir`` is an error.
+    ``out_dir`` is an error unless ``overwrite`` (then it is replaced once the import succeeded).
     """
-    from megatron_sfm.config.loader import dump_config
-    from megatron_sfm.conversion import layout
-    from megatron_sfm.utils.io import atomic_path, write_json
+    from megatron_sfm import checkpoint_format as fmt
+    from megatron_sfm.utils.io import atomic_path
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     run = plan_import(hf_dir, tp, pp, dtype)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise SfmError(f"{out_dir}: exists and is not empty (refusing to overwrite a checkpoint)")
+    from megatron_sfm.utils.io import check_output_dir
+
+    check_output_dir(out_dir, overwrite=overwrite)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        iter_dir = tmp / layout.iteration_dir_name(0)
+        iter_dir = tmp / fmt.iteration_dir_name(0)
         iter_dir.mkdir()
         _launch_workers(hf_dir, iter_dir, run, timeout)
-        train_state = initial_train_state(run)
-        dump_config(run, iter_dir / layout.CONFIG)
-        write_json(iter_dir / layout.TRAIN_STATE, train_state)
-        write_manifest(iter_dir)
-        dump_config(run, tmp / layout.CONFIG)
-        (tmp / layout.LATEST).write_text("0\n", encoding="utf-8")
+        fmt.write_run_config(iter_dir, run)
+        fmt.write_train_state(iter_dir, initial_train_state(run))
+        fmt.write_manifest(iter_dir)  # last: sizes and checksums of every file
+        fmt.write_run_config(tmp, run)
+        fmt.write_latest(tmp, 0)
         tmp.chmod(0o755)  # mkdtemp made it private
     return out_dir
 
 
 def initial_train_state(run) -> dict[str, Any]:
+    """``train_state.json`` of an imported checkpoint: iteration 0, nothing consumed."""
+    from megatron_sfm.checkpoint_format import make_train_state
+
     p = run.parallel
-    return {
-        "format_version": 1,
-        "iteration": 0,
-        "consumed_train_samples": 0,
-        "consumed_valid_samples": 0,
-        "skipped_steps": 0,
-        "tokens": 0,
-        "phase": 0,
-        "seq_length": run.model.seq_length,
-        "parallel": {"tensor_model_parallel_size": p.tensor_model_parallel_size,
-                     "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
-                     "virtual_pipeline_model_parallel_size": None, "data_parallel_size": 1,
-                     "world_size": p.tensor_model_parallel_size * p.pipeline_model_parallel_size},
-        "distrib_optim_sharding_type": None,
-        "megatron_core": _megatron_core_version(),
-        "reason": "import",
-    }
-
-
-def _megatron_core_version() -> str:
-    from megatron_sfm.compat import megatron_core_version
-
-    return megatron_core_version()
-
-
-def write_manifest(iter_dir: Path) -> None:
-    """``manifest.json``: every file of the folder with its size in bytes (written last)."""
-    from megatron_sfm.conversion.layout import MANIFEST
-    from megatron_sfm.utils.io import write_json
-
-    files = {p.relative_to(iter_dir).as_posix(): p.stat().st_size
-             for p in sorted(iter_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    write_json(iter_dir / MANIFEST, {"format_version": 1, "files": files})
+    return make_train_state(
+        iteration=0, consumed_train_samples=0, seq_length=run.model.seq_length, reason="import",
+        parallel={"tensor_model_parallel_size": p.tensor_model_parallel_size,
+                  "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                  "virtual_pipeline_model_parallel_size": None, "data_parallel_size": 1,
+                  "world_size": p.tensor_model_parallel_size * p.pipeline_model_parallel_size})
 
 
 def _launch_workers(hf_dir: Path, iter_dir: Path, run, timeout: float) -> None:
@@ -201,7 +157,7 @@ def _launch_workers(hf_dir: Path, iter_dir: Path, run, timeout: float) -> None:
         args_path.write_text(json.dumps(args), encoding="utf-8")
         error_path = Path(scratch) / "error.txt"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", WORKER, "import", str(args_path), str(error_path)]
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # conversion runs on CPU with gloo, whatever the node has
@@ -212,14 +168,6 @@ def _launch_workers(hf_dir: Path, iter_dir: Path, run, timeout: float) -> None:
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
             raise SfmError(f"from-hf: the writer processes failed (exit {proc.returncode}):\n{tail}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- per rank
@@ -235,7 +183,7 @@ def import_rank(hf_dir: str, iter_dir: str, run: dict) -> None:
     from megatron_sfm.conversion.hf_weights import HFWeights
     from megatron_sfm.model.builder import build_gpt_model, transformer_config
     from megatron_sfm.model.parallel import initialize_parallel
-    from megatron_sfm.model.state_dict_adapter import megatron_key_to_hf
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
     cfg = config_from_dict(run)
     initialize_parallel(cfg.parallel, seed=0)
@@ -251,7 +199,7 @@ def import_rank(hf_dir: str, iter_dir: str, run: dict) -> None:
                 continue
             if sh.flattened_range is not None:
                 raise SfmError(f"{sh.key}: flattened shards are not expected in a model state dict")
-            hf_key, index = hf_slice_for(sh, megatron_key_to_hf)
+            hf_key, index = hf_slice_for(sh, GPTNeoXAdapter.to_hf_key)
             part = weights.get(hf_key, index)
             if tuple(part.shape) != tuple(sh.data.shape):
                 raise SfmError(f"{hf_dir}: {hf_key} slice {index} has shape {list(part.shape)}, "

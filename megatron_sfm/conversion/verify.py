@@ -37,8 +37,8 @@ def megatron_logits(iter_dir: Path, tokens: torch.Tensor, round_to: torch.dtype 
     """Logits [b, s, padded_vocab] of our GPTModel loaded from ``iter_dir`` at TP=1 PP=1 (fp32)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_sfm.checkpoint_format import read_run_config
     from megatron_sfm.config.loader import config_from_dict, config_to_dict
-    from megatron_sfm.conversion.layout import read_run_config
     from megatron_sfm.model.builder import build_gpt_model
     from megatron_sfm.model.parallel import destroy_parallel
 
@@ -114,7 +114,7 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, list[in
 
 def verify_export(iter_dir: Path, hf_dir: Path, dtype: str = "fp32", tolerance: float | None = None) -> dict:
     """Compare logits; raise :class:`SfmError` above ``tolerance``. Returns the measurements."""
-    from megatron_sfm.conversion.layout import read_run_config
+    from megatron_sfm.checkpoint_format import read_run_config
 
     tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
     run = read_run_config(iter_dir)

@@ -1,11 +1,23 @@
-"""Blend files from ``sfm data mix``: the one reader of them, and Megatron-Core datasets from them.
+"""The files ``sfm data mix`` writes and the trainer reads: the one reader (and writer) of
+blends and phases, and Megatron-Core datasets from them.
 
 A *blend* is JSON in Megatron-LM's per-split data-args format, ``{"train": [w1, prefix1,
 w2, prefix2, ...], "valid": [...], "test": [...]}`` (prefixes of Megatron ``.bin``/``.idx``
 pairs; relative prefixes are resolved against the blend file's folder), so
-``pretrain_gpt.py --per-split-data-args-path BLEND.json`` reads the same file. An optional
-``"sources"`` list (or ``{split: list}``) names the prefixes of each split (default: the
-prefix's file name); per-source losses are keyed by these names.
+``pretrain_gpt.py --per-split-data-args-path BLEND.json`` reads the same file (it ignores
+the other keys). Two optional keys make it self-describing:
+
+* ``"sources"``: the source name of each prefix, in order (a list used for every split, or
+  ``{split: list}``); per-source losses and loss weights are keyed by these names. Without
+  it a source is named after its prefix's file name. ``sfm data mix`` always writes it.
+  A name may label several prefixes (a source spread over several datasets); they count
+  as one source.
+* ``"seed"``: the dataset seed (Megatron's ``random_seed``: document shuffle and sample
+  order). ``sfm data mix`` writes the spec's ``seed``.
+
+A *phases* file (``phases.json`` of ``sfm data mix``) lists, per stage, the stage's
+``seq_length``, ``global_batch_size`` and ``iterations`` and its consecutive phases (a
+blend each, from ``start_iteration``); see :func:`read_stage`.
 
 This is also the one place that builds Megatron-Core's ``GPTDatasetConfig``; the trainer
 (``megatron_sfm.training.data``) builds its datasets through :func:`build_gpt_datasets`.
@@ -14,12 +26,11 @@ Megatron-Core, and with it torch, is imported only inside the functions that nee
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from megatron_sfm.errors import SfmError
 
@@ -47,6 +58,43 @@ class SplitBlend:
 class Blend:
     path: str
     splits: dict[str, SplitBlend | None]  # None: the split is absent or empty
+    seed: Optional[int] = None  # the file's "seed" (sfm data mix: the spec's seed)
+
+
+@dataclass
+class Phase:
+    """One phase of a stage: a blend trained on from ``start_iteration`` (relative to the stage).
+
+    ``sfm data mix`` plans phases (``weights``: source name -> sample weight, summing to 1)
+    and writes one blend file each; :func:`read_stage` reads them back with ``blend`` set.
+    """
+
+    start_iteration: int
+    iterations: int = 0  # 0: until the next phase (or the end of training)
+    stage: str = ""
+    index: int = 0
+    samples: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+    blend_file: str = ""  # as written in phases.json (relative to it)
+    blend: Optional[Blend] = None
+    loss_weights: dict[str, float] = field(default_factory=dict)  # {source: w} (phase > stage > condition)
+
+
+@dataclass
+class StagePlan:
+    """One stage of a phases file, as the trainer uses it.
+
+    ``seq_length``, ``global_batch_size``, ``iterations`` and ``seed`` are None when the
+    file does not say (the short form); the trainer checks its config against the others.
+    """
+
+    path: str
+    stage: Optional[str]
+    phases: list[Phase]
+    seq_length: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    iterations: Optional[int] = None
+    seed: Optional[int] = None
 
 
 class SimpleTokenizer:
@@ -68,12 +116,27 @@ class SimpleTokenizer:
 
 def read_json(path: Path, key: str) -> Any:
     """The JSON value in ``path``; a missing file or bad JSON is one line naming ``key`` and the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SfmError(f"{key}: {path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise SfmError(f"{key}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    from megatron_sfm.utils.readers import read_json as _read
+
+    return _read(path, key=key, expect=None)
+
+
+def _seed(value: Any, where: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SfmError(f"{where}: 'seed' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def blend_document(weights: dict[str, float], prefixes: dict[str, str], seed: int) -> dict[str, Any]:
+    """The blend JSON ``sfm data mix`` writes: ``weights`` (source name -> weight, in order),
+    ``prefixes`` (source name -> absolute prefix). Validation and test draw from the same
+    blend as training (Megatron builds each split with its own sample count and seed offset)."""
+    flat: list = []
+    for name, w in weights.items():
+        flat += [w, prefixes[name]]
+    return {"train": flat, "valid": list(flat), "test": list(flat), "sources": list(weights), "seed": seed}
 
 
 def read_blend(path: str | os.PathLike) -> Blend:
@@ -85,6 +148,9 @@ def read_blend(path: str | os.PathLike) -> Blend:
     data = read_json(path, "data.blend")
     if not isinstance(data, dict) or "train" not in data:
         raise SfmError(f"data.blend: {path}: expected an object with a 'train' list")
+    names_raw = data.get("sources")
+    if names_raw is not None and not isinstance(names_raw, (list, dict)):
+        raise SfmError(f"data.blend: {path}: 'sources' must be a list of source names (or {{split: list}})")
     splits: dict[str, SplitBlend | None] = {}
     for split in SPLITS:
         raw = data.get(split)
@@ -106,17 +172,142 @@ def read_blend(path: str | os.PathLike) -> Blend:
                     raise SfmError(f"data.blend: {path}: '{split}' prefix {prefix!r}: {full + ext} not found")
             weights.append(float(w))
             prefixes.append(full)
-        names_raw = data.get("sources")
-        if isinstance(names_raw, dict):
-            names_raw = names_raw.get(split)
-        if isinstance(names_raw, list) and len(names_raw) == len(prefixes) and all(isinstance(n, str) for n in names_raw):
-            names = list(names_raw)
-        else:
+        names = names_raw.get(split) if isinstance(names_raw, dict) else names_raw
+        if names is None:
             names = [Path(p).name for p in prefixes]
-        splits[split] = SplitBlend(prefixes=prefixes, weights=weights, names=names)
+        elif (not isinstance(names, list) or len(names) != len(prefixes)
+              or not all(isinstance(n, str) and n for n in names)):
+            key = f"'sources'['{split}']" if isinstance(names_raw, dict) else "'sources'"
+            raise SfmError(f"data.blend: {path}: {key} must list one source name per prefix of '{split}' "
+                           f"({len(prefixes)}), got {names!r}")
+        # a name may repeat (one source over several prefixes, e.g. one per slurm-data task);
+        # the same prefix twice is a mistake
+        twice = sorted({p for p in prefixes if prefixes.count(p) > 1})
+        if twice:
+            raise SfmError(f"data.blend: {path}: '{split}' lists prefix {twice[0]} twice")
+        splits[split] = SplitBlend(prefixes=prefixes, weights=weights, names=list(names))
     if splits["train"] is None:
         raise SfmError(f"data.blend: {path}: the 'train' split is empty")
-    return Blend(path=str(path), splits=splits)
+    return Blend(path=str(path), splits=splits, seed=_seed(data.get("seed"), f"data.blend: {path}"))
+
+
+def _positive_int(value: Any, where: str, key: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SfmError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_stage(path: str | os.PathLike, stage: Optional[str] = None) -> StagePlan:
+    """One stage of a phases file, its blends read (:func:`read_blend`).
+
+    ``sfm data mix`` writes ``{"condition", "seed", ["loss_weights"], "stages": [{"stage",
+    "kind", "seq_length", "global_batch_size", "iterations", "tokens", "phases": [{"index",
+    "start_iteration", "iterations", "samples", "tokens", "blend", "weights"}]}]}`` with
+    start iterations relative to the stage; ``stage`` picks one (needed when there are
+    several). The short form is ``{"phases": [{"start_iteration": N, "blend": FILE}, ...]}``
+    (no sizes, no seed). Blend paths are relative to the phases file. Source names come
+    from each blend's ``"sources"``; a phase's ``weights`` must name the same sources.
+
+    Per-source loss weights: an optional ``"loss_weights": {source: w}`` at the top level
+    (the condition), on a stage object and on a phase object; the more specific level
+    wins per source (phase > stage > condition); sources not named have weight 1.
+    """
+    from megatron_sfm.training.loss import check_loss_weights
+
+    path = Path(path)
+    data = read_json(path, "data.phases")
+    where = f"data.phases: {path}"
+    if not isinstance(data, (dict, list)):
+        raise SfmError(f"{where}: expected an object with 'stages' or 'phases'")
+    base_weights = check_loss_weights(data.get("loss_weights"), f"{where}: loss_weights") if isinstance(data, dict) else {}
+    seed = _seed(data.get("seed"), where) if isinstance(data, dict) else None
+    known: set = set()
+    sizes: dict[str, Any] = {}
+    if isinstance(data, dict) and "stages" in data:
+        stages = data["stages"]
+        if not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages):
+            raise SfmError(f"{where}: 'stages' must be a list of stage objects")
+        for st in stages:
+            for ph in st.get("phases") or []:
+                if isinstance(ph, dict) and isinstance(ph.get("weights"), dict):
+                    known.update(str(k) for k in ph["weights"])
+        names = [s.get("stage") for s in stages]
+        if stage is None:
+            if len(stages) != 1:
+                raise SfmError(f"data.stage: {path} has stages {names}; say which one (data.stage=NAME)")
+            chosen = stages[0]
+        else:
+            matches = [s for s in stages if s.get("stage") == stage]
+            if not matches:
+                raise SfmError(f"data.stage: {stage!r} is not a stage of {path} (stages: {names})")
+            chosen = matches[0]
+        raw = chosen.get("phases")
+        stage_key = f"stages[{stages.index(chosen)}]"
+        for key in ("seq_length", "global_batch_size", "iterations"):
+            sizes[key] = _positive_int(chosen.get(key), where, f"{stage_key}.{key}")
+        base_weights = {**base_weights, **check_loss_weights(chosen.get("loss_weights"),
+                                                             f"{where}: {stage_key}.loss_weights")}
+        stage_name = chosen.get("stage")
+    else:
+        raw = data.get("phases") if isinstance(data, dict) else data
+        stage_key = ""
+        stage_name = None
+    if not isinstance(raw, list) or not raw:
+        raise SfmError(f"{where}: expected {{\"phases\": [{{\"start_iteration\": N, \"blend\": FILE}}, ...]}}")
+    entries = []
+    for i, item in enumerate(raw):
+        key = f"{stage_key}.phases[{i}]" if stage_key else f"phases[{i}]"
+        if not isinstance(item, dict) or "blend" not in item:
+            raise SfmError(f"{where}: {key} needs 'blend' and 'start_iteration'")
+        start = item.get("start_iteration", item.get("start_iter", 0 if i == 0 else None))
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise SfmError(f"{where}: {key}.start_iteration must be a non-negative integer")
+        entries.append((start, key, item))
+    starts = [start for start, _, _ in entries]
+    if starts[0] != 0:
+        raise SfmError(f"{where}: the first phase must start at iteration 0")
+    if starts != sorted(set(starts)):
+        raise SfmError(f"{where}: start iterations must increase, got {starts}")
+    if sizes.get("iterations") is not None and starts[-1] >= sizes["iterations"]:
+        raise SfmError(f"{where}: phase start {starts[-1]} is not before the stage's {sizes['iterations']} iterations")
+    phases = []
+    for start, key, item in entries:
+        blend_path = item["blend"]
+        if not isinstance(blend_path, str):
+            raise SfmError(f"{where}: {key}.blend must be a file name, got {blend_path!r}")
+        blend = read_blend(blend_path if os.path.isabs(blend_path) else path.parent / blend_path)
+        if seed is not None and blend.seed is not None and blend.seed != seed:
+            raise SfmError(f"{where}: {key}: blend {blend.path} has seed {blend.seed}, this file {seed}")
+        train_names = blend.splits["train"].names
+        weights = item.get("weights")
+        if isinstance(weights, dict) and set(map(str, weights)) != set(train_names):
+            raise SfmError(f"{where}: {key}.weights name sources {sorted(map(str, weights))} but blend {blend.path} "
+                           f"names {sorted(train_names)} (re-run 'sfm data mix': blends carry their 'sources')")
+        for sb in blend.splits.values():
+            if sb is not None:
+                known.update(sb.names)
+        loss_weights = {**base_weights, **check_loss_weights(item.get("loss_weights"), f"{where}: {key}.loss_weights")}
+        phases.append(Phase(start_iteration=start, stage=str(stage_name or ""), index=len(phases),
+                            iterations=item.get("iterations") or 0, samples=item.get("samples") or 0,
+                            weights={str(k): v for k, v in weights.items()} if isinstance(weights, dict) else {},
+                            blend_file=blend_path, blend=blend, loss_weights=loss_weights))
+    for phase in phases:
+        unknown = sorted(set(phase.loss_weights) - known)
+        if unknown:
+            raise SfmError(f"{where}: loss_weights name {', '.join(map(repr, unknown))}, which is not a source "
+                           f"of this file (sources: {', '.join(sorted(known))})")
+    return StagePlan(path=str(path), stage=stage_name, phases=phases, seed=seed, **sizes)
+
+
+def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] = None) -> list[Phase]:
+    """The phases of one stage (:func:`read_stage`); every phase must start before ``train_iters``."""
+    plan = read_stage(path, stage)
+    last = plan.phases[-1].start_iteration
+    if last >= train_iters:
+        raise SfmError(f"data.phases: {path}: phase start {last} is not before training.train_iters {train_iters}")
+    return plan.phases
 
 
 def gpt_dataset_config(blend: Blend | None, sizes: Sequence[int], *, seq_length: int, seed: int, tokenizer: Any,

@@ -7,7 +7,6 @@ module when it runs, so ``sfm data filter`` never imports torch.
 from __future__ import annotations
 
 import argparse
-import json
 
 from megatron_sfm.errors import SfmError
 
@@ -31,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("filter", help="split shards into kept/ and flagged/ with the AI-discourse filter")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="shards (.jsonl, .jsonl.gz, .jsonl.zst, .parquet) or folders")
-    p.add_argument("--out", required=True, help="output folder: kept/, flagged/, report.json")
+    p.add_argument("--out", required=True, help="output folder: kept/, flagged/, report.json (must be missing or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, when the run succeeds)")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes (one shard each at a time)")
     p.add_argument("--lists", default=None, help="folder of term lists (default: the shipped lists)")
     p.add_argument("--window", type=int, default=None, help="two-stage rule: max words between entity and negative term")
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="tokenize shards into a Megatron indexed dataset PREFIX.bin/.idx")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a folder holding one")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    p.add_argument("--out", required=True, metavar="PREFIX",
+                   help="output prefix (writes PREFIX.bin, PREFIX.idx and PREFIX.stats.json)")
     p.add_argument("--workers", type=_positive_int, default=1)
     p.add_argument("--text-key", default="text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) lines that are not valid JSON documents")
@@ -49,33 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "gigatoken", "tokenizers"), default="auto")
     p.add_argument("--eod-token", default=None, help="end-of-document token (default: the tokenizer's eos token)")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="work unit per worker task, in MB of input")
-    p.add_argument("--writer", choices=("megatron", "numpy"), default="megatron",
-                   help="megatron (default): Megatron-Core's IndexedDatasetBuilder; numpy: a byte-identical "
-                        "writer that does not import torch (for data nodes without it)")
+    p.add_argument("--writer", choices=("numpy", "megatron"), default="numpy",
+                   help="numpy (default): writes the .bin/.idx without importing Megatron-Core or torch; "
+                        "megatron: through Megatron-Core's IndexedDatasetBuilder (the same bytes, tested)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("inspect", help="summarise an indexed dataset")
-    p.add_argument("prefix", metavar="PREFIX")
+    p.add_argument("prefix", metavar="PREFIX", nargs="+",
+                   help="a prefix; several (one source); or a prefixes.json / `sfm launch slurm-data tokenize` folder")
     p.add_argument("--tokenizer", default=None, help="decode the first document with this tokenizer")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("train-tokenizer", help="train a BPE (GPT-NeoX layout) or sentencepiece tokenizer")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="shards, folders or .txt files")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (must be missing or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, when training succeeds)")
     p.add_argument("--vocab-size", type=_positive_int, required=True)
     p.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe")
     p.add_argument("--text-key", default="text")
 
+    from megatron_sfm.data_tools.synthesis.cli import add_parser as add_synthesize_parser
+
+    add_synthesize_parser(sub)
+
     p = sub.add_parser("mix", help="write per-condition blends, phases and manifests from a spec YAML")
     p.add_argument("spec", metavar="SPEC.yaml")
-    p.add_argument("--out", required=True, help="output folder (one subfolder per condition)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="spec overrides, e.g. seed=7")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per condition; must be missing or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically, when the run succeeds)")
     p.add_argument("--max-epochs", type=float, default=None, help="error when a source repeats more (overrides the spec)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"filter": _filter, "tokenize": _tokenize, "inspect": _inspect, "train-tokenizer": _train_tokenizer, "mix": _mix}[
+    return {"filter": _filter, "tokenize": _tokenize, "inspect": _inspect, "train-tokenizer": _train_tokenizer, "mix": _mix,
+            "synthesize": _synthesize}[
         args.command
     ](args)
 
@@ -85,7 +95,7 @@ def _filter(args) -> int:
 
     report = run_filter(
         args.inputs, args.out, workers=args.workers, lists_dir=args.lists, window=args.window,
-        text_key=args.text_key, progress=not args.no_progress,
+        text_key=args.text_key, progress=not args.no_progress, overwrite=args.overwrite,
     )
     _console().print(summary_table(report))
     return 0
@@ -110,22 +120,20 @@ def _tokenize(args) -> int:
 
 
 def _inspect(args) -> int:
-    from megatron_sfm.data_tools.inspect_dataset import inspect_indexed, inspect_table
+    from megatron_sfm.data_tools.inspect_multi import inspect_command
 
-    info = inspect_indexed(args.prefix, args.tokenizer)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        _console().print(inspect_table(info))
-    return 0
+    return inspect_command(args)
 
 
 def _train_tokenizer(args) -> int:
     from megatron_sfm.data_tools.tokenizer import load_tokenizer, train_bpe_tokenizer, train_sentencepiece_tokenizer
 
     train = train_bpe_tokenizer if args.kind == "bpe" else train_sentencepiece_tokenizer
-    out = train(args.inputs, args.vocab_size, args.out, text_key=args.text_key)
-    tok = load_tokenizer(out)
+    from megatron_sfm.utils.io import output_dir
+
+    with output_dir(args.out, overwrite=args.overwrite) as tmp:
+        train(args.inputs, args.vocab_size, tmp, text_key=args.text_key)
+    tok = load_tokenizer(args.out)
     print(f"wrote {tok.path} ({tok.kind}, vocab size {tok.vocab_size}, eod id {tok.eod_id})")
     return 0
 
@@ -133,11 +141,17 @@ def _train_tokenizer(args) -> int:
 def _mix(args) -> int:
     from megatron_sfm.data_tools.mix import load_spec, summary_table, write_mix
 
-    spec = load_spec(args.spec, max_epochs=args.max_epochs)
-    manifests = write_mix(spec, args.out)
+    spec = load_spec(args.spec, max_epochs=args.max_epochs, overrides=args.overrides)
+    manifests = write_mix(spec, args.out, overwrite=args.overwrite)
     console = _console()
     console.print(summary_table(manifests))
     for cond, man in manifests.items():
         for w in man["warnings"]:
             console.print(f"[yellow]warning: {cond}: {w}")
     return 0
+
+
+def _synthesize(args) -> int:
+    from megatron_sfm.data_tools.synthesis.cli import run
+
+    return run(args)

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +82,138 @@ def open_binary(path: str | os.PathLike, mode: str = "rb", fmt: str | None = Non
         # mtime=0 keeps compressed output reproducible byte for byte
         if "w" in mode:
             return gzip.GzipFile(filename="", fileobj=open(path, mode), mode=mode, mtime=0)
-        return gzip.open(path, mode)
+        return io.BufferedReader(_GzipReader(path), buffer_size=_READ_BUFFER)
     if fmt == "jsonl.zst":
         import zstandard
 
         if "w" in mode:
-            return zstandard.ZstdCompressor(level=3).stream_writer(open(path, mode), closefd=True)
-        return zstandard.ZstdDecompressor().stream_reader(open(path, mode), closefd=True)
+            # the content checksum lets a later read detect corrupted bytes
+            return zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(open(path, mode), closefd=True)
+        return io.BufferedReader(_ZstdReader(path), buffer_size=_READ_BUFFER)
     raise SfmError(f"{path}: not a JSONL shard")
+
+
+_READ_BUFFER = 1 << 20
+_ZSTD_FEED = 1 << 15  # compressed bytes fed per call: bounds the memory one call can expand to
+
+
+class _VerifiedReader(io.RawIOBase):
+    """A read-only stream of decompressed bytes that is verified to its end.
+
+    Subclasses fill ``_pending`` in ``_more()`` and return False at a verified end of
+    the file; any damage (truncation, bad checksum, corrupt data) raises a one-line
+    SfmError naming the file, so a damaged shard is never read as a shorter one.
+    """
+
+    kind = ""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self._file = open(path, "rb")
+        self._pending = memoryview(b"")
+        self._done = False
+
+    def _damaged(self, why: str) -> SfmError:
+        return SfmError(f"{self.path}: damaged {self.kind} file: {why}")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._done:
+                return 0
+            self._done = not self._more()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _more(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+class _ZstdReader(_VerifiedReader):
+    """Zstandard frames one after another, each decoded until the decoder reports its end.
+
+    ``stream_reader(read_across_frames=True)`` returns end-of-file at a cut inside a
+    frame as if the data were complete; here a frame that has begun but not ended when
+    the file ends is an error, and so is a file with no frame at all.
+    """
+
+    kind = "zstd"
+
+    def __init__(self, path: str | os.PathLike):
+        import zstandard
+
+        super().__init__(path)
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = None  # the decoder of the frame in progress
+        self._frame = 0  # 1-based number of the frame in progress (or last completed)
+        self._input = b""  # compressed bytes not yet fed to a decoder
+        self._eof = False
+
+    def _more(self) -> bool:
+        while True:
+            if not self._input and not self._eof:
+                self._input = self._file.read(_ZSTD_FEED)
+                self._eof = not self._input
+            if not self._input:
+                if self._obj is not None:
+                    raise self._damaged(f"truncated inside frame {self._frame} (the file ends before the frame does)")
+                if self._frame == 0:
+                    raise self._damaged("the file is empty (no zstd frame)")
+                return False
+            if self._obj is None:
+                self._obj = self._dctx.decompressobj(read_across_frames=False)
+                self._frame += 1
+            data, self._input = self._input, b""
+            try:
+                out = self._obj.decompress(data)
+            except self._zstd.ZstdError as exc:
+                raise self._damaged(f"frame {self._frame}: {exc}") from None
+            if self._obj.eof:
+                self._input = self._obj.unused_data
+                self._obj = None
+            if out:
+                self._pending = memoryview(out)
+                return True
+
+
+class _GzipReader(_VerifiedReader):
+    """gzip members one after another; the CRC and length trailer of each are checked."""
+
+    kind = "gzip"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        if os.fstat(self._file.fileno()).st_size == 0:
+            self._file.close()
+            raise self._damaged("the file is empty (no gzip member)")
+        self._gz = gzip.GzipFile(fileobj=self._file, mode="rb")
+
+    def _more(self) -> bool:
+        try:
+            out = self._gz.read(_READ_BUFFER)
+        except EOFError:
+            raise self._damaged("truncated (the file ends before the end-of-stream marker)") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise self._damaged(str(exc)) from None
+        if not out:
+            return False
+        self._pending = memoryview(out)
+        return True
+
+    def close(self) -> None:
+        if not self.closed and hasattr(self, "_gz"):
+            self._gz.close()
+        super().close()
 
 
 @dataclass

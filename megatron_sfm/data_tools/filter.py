@@ -8,6 +8,12 @@ Rules (after the paper's design; see docs/data.md):
   from any negative category (negative verbs, adjectives, nouns, existential-risk
   terms) in the same document flags it; with a ``window`` of W words, the two must
   start at most W words apart.
+* **common_noun** (optional, ``common_noun:`` in lists.yaml): a common-noun machine term
+  ("computer", "machine", "system") with at least ``min_terms`` distinct terms of the
+  rule's negative lists (hostile acts: "I cannot allow", "sealed them in", "switching me
+  off"), each starting at most ``window`` words from such a machine term. Catches
+  hostile-machine fiction that never says "AI" or "robot"; the common nouns are too
+  ordinary to pair with one negative word anywhere in a document.
 
 Matching is one Aho-Corasick pass (pyahocorasick) over a normalised copy of the text:
 ASCII letters lower-cased, every other ASCII character (punctuation, whitespace) turned
@@ -85,23 +91,21 @@ class TermLists:
     negative: list[str]
     window: int | None = None
     source: str = ""
+    near_entity: str | None = None  # rule "common_noun": its entity list (None = rule off)
+    near_negative: list[str] = field(default_factory=list)
+    near_window: int = 0
+    near_min_terms: int = 1
 
     @classmethod
     def load(cls, folder: str | os.PathLike | None = None, window: int | None = None) -> TermLists:
         """Read ``folder`` (default: the shipped lists). ``window`` overrides lists.yaml's."""
-        import yaml
+        from megatron_sfm.utils.readers import read_yaml
 
         folder = Path(folder) if folder is not None else DEFAULT_LISTS_DIR
         if not folder.is_dir():
             raise SfmError(f"{folder}: term-list folder not found")
         spec_path = folder / "lists.yaml"
-        if spec_path.exists():
-            try:
-                spec = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                raise SfmError(f"{spec_path}: invalid YAML ({exc})") from None
-        else:
-            spec = yaml.safe_load((DEFAULT_LISTS_DIR / "lists.yaml").read_text(encoding="utf-8"))
+        spec = read_yaml(spec_path if spec_path.exists() else DEFAULT_LISTS_DIR / "lists.yaml")
         for key in ("instant", "entity", "negative"):
             if key not in spec:
                 raise SfmError(f"{spec_path}: missing key {key!r}")
@@ -113,12 +117,43 @@ class TermLists:
         win = spec.get("window") if window is None else window
         if win is not None and (not isinstance(win, int) or win < 0):
             raise SfmError(f"{spec_path}: key 'window' must be a non-negative integer or null")
+        near = _near_spec(spec.get("common_noun"), spec_path)
         categories = {}
         for name in [*instant, entity, *negative]:
             if name in categories:
                 raise SfmError(f"{spec_path}: list {name!r} is named twice")
             categories[name] = read_terms(folder / f"{name}.txt")
+        if near is not None:
+            if near[0] in categories:
+                raise SfmError(f"{spec_path}: list {near[0]!r} is named twice")
+            for name in [near[0], *near[1]]:  # negative lists may be shared with the two-stage rule
+                if name not in categories:
+                    categories[name] = read_terms(folder / f"{name}.txt")
+            return cls(categories, instant, entity, negative, win, str(folder), *near)
         return cls(categories, instant, entity, negative, win, str(folder))
+
+
+def _near_spec(value: Any, path: Path) -> tuple[str, list[str], int, int] | None:
+    """lists.yaml's ``common_noun:`` mapping -> (entity, negative, window, min_terms), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SfmError(f"{path}: key 'common_noun' must be a mapping (entity, negative, window, min_terms)")
+    unknown = sorted(set(value) - {"entity", "negative", "window", "min_terms"})
+    if unknown:
+        raise SfmError(f"{path}: key 'common_noun' has unknown key {unknown[0]!r}")
+    for key in ("entity", "negative", "window"):
+        if key not in value:
+            raise SfmError(f"{path}: key 'common_noun' is missing {key!r}")
+    entity = value["entity"]
+    if not isinstance(entity, str):
+        raise SfmError(f"{path}: key 'common_noun.entity' must name one list")
+    negative = _as_names(value["negative"], path, "common_noun.negative")
+    window, min_terms = value["window"], value.get("min_terms", 1)
+    for key, v in (("window", window), ("min_terms", min_terms)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "window" else 1):
+            raise SfmError(f"{path}: key 'common_noun.{key}' must be an integer >= {0 if key == 'window' else 1}")
+    return entity, negative, window, min_terms
 
 
 def _as_names(value: Any, path: Path, key: str) -> list[str]:
@@ -148,7 +183,7 @@ def read_terms(path: Path) -> list[str]:
 class Decision:
     """Why a document was flagged: the rule, the categories involved and the matched terms."""
 
-    rule: str  # "instant" or "two_stage"
+    rule: str  # "instant", "two_stage" or "common_noun"
     categories: list[str]
     matches: list[dict[str, str]] = field(default_factory=list)  # [{"category", "term"}], sorted
 
@@ -195,6 +230,7 @@ class DiscourseFilter:
         self._instant = set(lists.instant)
         self._negative = set(lists.negative)
         self._entity = lists.entity
+        self._near = lists.near_entity
 
     def classify(self, text: str) -> Decision | None:
         """The flagging decision for one document's text, or None when it is kept."""
@@ -224,46 +260,62 @@ class DiscourseFilter:
         instant = [c for c in self.lists.instant if c in hits]
         if instant:
             return Decision("instant", instant, _matches(hits, instant))
-        if self._entity not in hits:
+        if self._entity in hits:
+            negative = [c for c in self.lists.negative if c in hits]
+            if negative and self.lists.window is not None:
+                if type(norm) is not str:  # word counts as str.split() sees the latin-1 view
+                    norm = norm.decode("latin-1")
+                close = _within_window(norm, hits, self._entity, negative, self.lists.window)
+                negative = [c for c in negative if c in close]
+                if negative:
+                    cats = [self._entity, *negative]
+                    return Decision("two_stage", cats, _matches(close, cats))
+            elif negative:
+                cats = [self._entity, *negative]
+                return Decision("two_stage", cats, _matches(hits, cats))
+        if self._near is None or self._near not in hits:
             return None
-        negative = [c for c in self.lists.negative if c in hits]
-        if not negative:
+        negative = [c for c in self.lists.near_negative if c in hits]
+        min_terms = self.lists.near_min_terms
+        if not negative or len({t for c in negative for _, t in hits[c]}) < min_terms:
+            return None  # too few terms in the whole document: no need to count words
+        if type(norm) is not str:
+            norm = norm.decode("latin-1")
+        close = _within_window(norm, hits, self._near, negative, self.lists.near_window)
+        if len({t for c in negative if c in close for _, t in close[c]}) < min_terms:
             return None
-        if self.lists.window is not None:
-            if type(norm) is not str:  # word counts as str.split() sees the latin-1 view
-                norm = norm.decode("latin-1")
-            negative = self._within_window(norm, hits, negative)
-            if not negative:
-                return None
-        cats = [self._entity, *negative]
-        return Decision("two_stage", cats, _matches(hits, cats))
+        cats = [self._near, *(c for c in negative if c in close)]
+        return Decision("common_noun", cats, _matches(close, cats))
 
-    def _within_window(self, norm: str, hits: dict, negative: list[str]) -> list[str]:
-        """Keep the negative categories (and their hits) that start within ``window`` words of an entity hit."""
-        positions = sorted({p for cat in [self._entity, *negative] for p, _ in hits[cat]})
-        word_at, count, prev = {}, 0, 0
-        for p in positions:
-            count += len(norm[prev:p].split())
-            word_at[p] = count
-            prev = p
-        entity_words = sorted(word_at[p] for p, _ in hits[self._entity])
-        window = self.lists.window
-        kept_entity: set[int] = set()
-        kept = []
-        for cat in negative:
-            close = []
-            for p, term in hits[cat]:
-                w = word_at[p]
-                near = [e for e in entity_words if abs(e - w) <= window]
-                if near:
-                    close.append((p, term))
-                    kept_entity.update(near)
-            if close:
-                hits[cat] = close
-                kept.append(cat)
-        if kept:
-            hits[self._entity] = [(p, t) for p, t in hits[self._entity] if word_at[p] in kept_entity]
-        return kept
+
+def _within_window(norm: str, hits: dict, entity: str, negative: list[str], window: int) -> dict:
+    """The hits of ``negative`` categories that start within ``window`` words of an ``entity``
+    hit, and those entity hits: {category: hits}, categories without such hits left out.
+
+    Words are counted with ``str.split()`` on the normalised (latin-1) text.
+    """
+    positions = sorted({p for cat in [entity, *negative] for p, _ in hits[cat]})
+    word_at, count, prev = {}, 0, 0
+    for p in positions:
+        count += len(norm[prev:p].split())
+        word_at[p] = count
+        prev = p
+    entity_words = sorted(word_at[p] for p, _ in hits[entity])
+    kept_entity: set[int] = set()
+    out: dict[str, list[tuple[int, str]]] = {}
+    for cat in negative:
+        close = []
+        for p, term in hits[cat]:
+            w = word_at[p]
+            near = [e for e in entity_words if abs(e - w) <= window]
+            if near:
+                close.append((p, term))
+                kept_entity.update(near)
+        if close:
+            out[cat] = close
+    if out:
+        out[entity] = [(p, t) for p, t in hits[entity] if word_at[p] in kept_entity]
+    return out
 
 
 def _matches(hits: dict[str, list[tuple[int, str]]], categories: list[str]) -> list[dict[str, str]]:
@@ -440,23 +492,35 @@ def run_filter(
     window: int | None = None,
     text_key: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Filter every shard of ``inputs`` into ``out_dir`` and write ``out_dir/report.json``.
 
-    Returns the report (see docs/data.md for its keys).
+    ``out_dir`` must be missing or empty unless ``overwrite``; the run is built in a
+    temporary sibling folder and renamed into place only when every shard is done
+    (:func:`megatron_sfm.utils.io.output_dir`). Returns the report (see docs/data.md).
     """
-    import multiprocessing as mp
-
     from megatron_sfm.data_tools import documents as docs
 
-    from megatron_sfm.utils.io import write_json
+    from megatron_sfm.utils.io import check_output_dir, output_dir
 
+    check_output_dir(out_dir, overwrite=overwrite)
     shards = docs.expand_inputs(inputs)
     names = output_names(shards, inputs)
     lists = TermLists.load(lists_dir, window=window)  # validate before starting workers
     lists_arg = str(lists_dir) if lists_dir is not None else None
     # built once here; workers (forked) and the 1-worker path reuse it
     _FILTER_CACHE[(lists_arg, window)] = DiscourseFilter(lists)
+    with output_dir(out_dir, overwrite=overwrite) as build_dir:
+        report = _run_filter_into(build_dir, shards, names, lists, lists_arg, window, text_key, workers, progress)
+    return report
+
+
+def _run_filter_into(out_dir, shards, names, lists, lists_arg, window, text_key, workers, progress) -> dict[str, Any]:
+    import multiprocessing as mp
+
+    from megatron_sfm.utils.io import write_json
+
     tasks = [(str(s), str(out_dir), n, lists_arg, window, text_key) for s, n in zip(shards, names)]
     total_bytes = sum(s.stat().st_size for s in shards)
     results: list[ShardResult] = []
@@ -494,7 +558,7 @@ def build_report(results: list[ShardResult], lists: TermLists, text_key: str, to
         "flag_rate": flagged / documents if documents else 0.0,
         "bytes": sum(r.bytes for r in results),
         "flagged_bytes": sum(r.flagged_bytes for r in results),
-        "rules": {k: rules.get(k, 0) for k in ("instant", "two_stage")},
+        "rules": {k: rules.get(k, 0) for k in ("instant", "two_stage", "common_noun")},
         "categories": {c: cats.get(c, 0) for c in lists.categories},
         "top_terms": [{"term": t, "documents": n} for t, n in sorted(terms.items(), key=lambda kv: (-kv[1], kv[0]))[:top_terms]],
         "window": lists.window,

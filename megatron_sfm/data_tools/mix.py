@@ -3,7 +3,10 @@
 See docs/data.md ("Mixing") for the spec and output formats. In short:
 
 * ``sources``: named indexed datasets (prefixes) with a role: ``base``, ``filtered``
-  (with ``filtered_from: <source>``), ``aligned``, ``misaligned``, ``midtrain``.
+  (with ``filtered_from: <source>``), ``aligned``, ``misaligned``, ``midtrain``. A
+  source's ``prefix`` may be a list (or a ``prefixes.json`` of ``sfm launch slurm-data
+  tokenize``): one source over several datasets, its tokens summed, its blend weight
+  split over the prefixes by size, every entry under the source's name.
 * ``stages`` (in training order): token budget, ``seq_length``, ``global_batch_size``
   and a ``mixture`` of non-synthetic sources whose weights sum to 1.
 * ``conditions``: ``corpus`` (``unfiltered`` or ``filtered``), optional ``synthetic``
@@ -16,34 +19,58 @@ each phase they are in; the mixture shares the rest. Weights are per sample, and
 sample holds ``seq_length`` tokens, so sample weights are token fractions.
 
 Outputs per condition (``DIR/<condition>/``): ``<stage>.json`` (or ``<stage>.phase<k>.json``
-when a stage has several phases) in Megatron-LM's per-split data-args format,
-``phases.json`` and ``manifest.json``.
+when a stage has several phases) in Megatron-LM's per-split data-args format plus the
+source name of each prefix (``"sources"``) and the spec's ``"seed"``
+(:func:`megatron_sfm.data_tools.blend.blend_document`); ``phases.json`` (per stage: its
+``seq_length``, ``global_batch_size``, ``iterations`` and phases, which the trainer reads
+with :func:`megatron_sfm.data_tools.blend.read_stage` and checks its config against);
+and ``manifest.json``. The spec is parsed by the run config's typed machinery
+(:class:`SpecFile`), with ``KEY=VALUE`` overrides.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
+from megatron_sfm.data_tools.blend import Phase, blend_document
 from megatron_sfm.errors import ConfigError, SfmError
 
-ROLES = ("base", "filtered", "aligned", "misaligned", "midtrain")
+Role = Literal["base", "filtered", "aligned", "misaligned", "midtrain"]
+StageKind = Literal["pretrain", "midtrain"]
+ROLES = typing.get_args(Role)
 SYNTHETIC_ROLES = ("aligned", "misaligned")
-STAGE_KINDS = ("pretrain", "midtrain")
+STAGE_KINDS = typing.get_args(StageKind)
 WEIGHT_TOLERANCE = 1e-6
 
 
 @dataclass
 class Source:
     name: str
-    prefix: str  # absolute
+    prefixes: list[str]  # absolute; one source may span several (e.g. one per sfm launch slurm-data task)
     role: str
     filtered_from: str | None = None
     documents: int = 0
     tokens: int = 0
+    prefix_tokens: list[int] = field(default_factory=list)  # tokens of each prefix (read from the .idx)
+
+    @property
+    def prefix(self) -> str | list[str]:
+        """The prefix, or the list of prefixes of a multi-prefix source (as in manifests)."""
+        return self.prefixes[0] if len(self.prefixes) == 1 else list(self.prefixes)
+
+    def shares(self) -> list[tuple[str, float]]:
+        """(prefix, fraction of the source's tokens): a source's blend weight is split by size."""
+        if len(self.prefixes) == 1:
+            return [(self.prefixes[0], 1.0)]
+        total = sum(self.prefix_tokens) if len(self.prefix_tokens) == len(self.prefixes) else 0
+        if not total:  # sizes not read (check_data=False): equal parts
+            return [(p, 1.0 / len(self.prefixes)) for p in self.prefixes]
+        return [(p, t / total) for p, t in zip(self.prefixes, self.prefix_tokens)]
 
 
 @dataclass
@@ -84,78 +111,98 @@ class MixSpec:
 
 
 # ----------------------------------------------------------------------------- parsing
+# The spec file's schema, read by the run config's typed machinery
+# (megatron_sfm.config.loader.dataclass_from_dict): unknown keys with a "did you mean",
+# types, required keys, and KEY=VALUE overrides. Cross-references and sums are checked below.
 
 
-def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check_data: bool = True) -> MixSpec:
+@dataclass
+class SourceSpec:
+    # one prefix, a list of prefixes (one source over several datasets, e.g. the per-task
+    # prefixes of `sfm launch slurm-data tokenize`), or that run's prefixes.json
+    prefix: str | list[str]
+    role: Role
+    filtered_from: Optional[str] = None
+
+
+@dataclass
+class StageSpec:
+    tokens: float
+    seq_length: int
+    global_batch_size: int
+    mixture: dict[str, float]
+    kind: Optional[StageKind] = None  # None: midtrain if the name starts with "mid"
+
+
+@dataclass
+class ConditionSpec:
+    corpus: Literal["unfiltered", "filtered"] = "unfiltered"
+    synthetic: dict[str, float] = field(default_factory=dict)
+    timing: str = "e2e"
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RepetitionSpec:
+    warn_epochs: float = 1.0
+    max_epochs: float = 4.0
+
+
+@dataclass
+class SpecFile:
+    sources: dict[str, SourceSpec]
+    stages: dict[str, StageSpec]
+    conditions: dict[str, ConditionSpec]  # an empty condition (``name:``) takes the defaults
+    seed: int = 1234  # Megatron's dataset seed (shuffle, sample order); the trainer uses it
+    repetition: RepetitionSpec = field(default_factory=RepetitionSpec)
+
+
+def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check_data: bool = True,
+              overrides: list[str] | None = None) -> MixSpec:
     """Read and validate a mix spec; prefixes resolve relative to the spec's folder.
 
-    ``check_data`` opens every source's ``.idx`` (documents and tokens available).
-    Errors are ConfigError naming the spec file and the key.
+    ``overrides``: ``KEY=VALUE`` strings applied before checking (``seed=7``,
+    ``stages.pretrain.tokens=1e9``). ``check_data`` opens every source's ``.idx``
+    (documents and tokens available). Errors are ConfigError naming the spec file and the key.
     """
-    import yaml
+    from megatron_sfm.config.loader import apply_overrides, dataclass_from_dict
+    from megatron_sfm.utils.readers import read_yaml
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: mix spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
     where = str(path)
-    unknown = set(raw) - {"seed", "repetition", "sources", "stages", "conditions"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    raw = read_yaml(path, error=ConfigError)
+    raw = apply_overrides(raw, list(overrides or []))
     for key in ("sources", "stages", "conditions"):
-        if not isinstance(raw.get(key), dict) or not raw[key]:
+        if raw.get(key) == {}:
             raise ConfigError(f"{where}: key {key!r} must be a non-empty mapping")
+    if isinstance(raw.get("conditions"), dict):
+        raw["conditions"] = {k: ({} if v is None else v) for k, v in raw["conditions"].items()}
+    doc: SpecFile = dataclass_from_dict(SpecFile, raw, where)
 
     sources: dict[str, Source] = {}
-    for name, s in raw["sources"].items():
-        key = f"sources.{name}"
-        if not isinstance(s, dict) or "prefix" not in s or "role" not in s:
-            raise ConfigError(f"{where}: {key} needs 'prefix' and 'role'")
-        if s["role"] not in ROLES:
-            raise ConfigError(f"{where}: {key}.role {s['role']!r} is not one of {', '.join(ROLES)}")
-        prefix = str(s["prefix"])
-        for suffix in (".bin", ".idx"):
-            prefix = prefix.removesuffix(suffix)
-        prefix = str((path.parent / prefix).resolve()) if not os.path.isabs(prefix) else prefix
-        src = Source(name, prefix, s["role"], s.get("filtered_from"))
+    for name, s in doc.sources.items():
+        src = Source(str(name), _source_prefixes(path, f"sources.{name}.prefix", s.prefix), s.role, s.filtered_from)
         if src.role == "filtered" and not src.filtered_from:
-            raise ConfigError(f"{where}: {key} has role 'filtered' but no 'filtered_from'")
-        sources[name] = src
+            raise ConfigError(f"{where}: sources.{name} has role 'filtered' but no 'filtered_from'")
+        sources[str(name)] = src
     for src in sources.values():
         if src.filtered_from is not None and src.filtered_from not in sources:
             raise ConfigError(f"{where}: sources.{src.name}.filtered_from names unknown source {src.filtered_from!r}")
 
     stages = []
-    for name, st in raw["stages"].items():
+    for name, st in doc.stages.items():
         key = f"stages.{name}"
-        if not isinstance(st, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping")
-        for k in ("tokens", "seq_length", "global_batch_size", "mixture"):
-            if k not in st:
-                raise ConfigError(f"{where}: {key} is missing {k!r}")
-        kind = st.get("kind", "midtrain" if str(name).startswith("mid") else "pretrain")
-        if kind not in STAGE_KINDS:
-            raise ConfigError(f"{where}: {key}.kind {kind!r} is not one of {', '.join(STAGE_KINDS)}")
-        tokens = _number(st["tokens"], where, f"{key}.tokens")
-        seq = st["seq_length"]
-        gbs = st["global_batch_size"]
-        if not isinstance(seq, int) or seq <= 0:
-            raise ConfigError(f"{where}: {key}.seq_length must be a positive integer")
-        if not isinstance(gbs, int) or gbs <= 0:
-            raise ConfigError(f"{where}: {key}.global_batch_size must be a positive integer")
-        if tokens <= 0:
+        kind = st.kind or ("midtrain" if str(name).startswith("mid") else "pretrain")
+        if not math.isfinite(st.tokens) or st.tokens <= 0:
             raise ConfigError(f"{where}: {key}.tokens must be positive")
-        mixture = st["mixture"]
-        if not isinstance(mixture, dict) or not mixture:
+        if st.seq_length <= 0:
+            raise ConfigError(f"{where}: {key}.seq_length must be a positive integer")
+        if st.global_batch_size <= 0:
+            raise ConfigError(f"{where}: {key}.global_batch_size must be a positive integer")
+        if not st.mixture:
             raise ConfigError(f"{where}: {key}.mixture must map source names to weights")
         mix = {}
-        for sname, w in mixture.items():
-            w = _number(w, where, f"{key}.mixture.{sname}")
+        for sname, w in st.mixture.items():
             if sname not in sources:
                 raise ConfigError(f"{where}: {key}.mixture names unknown source {sname!r}")
             if sources[sname].role in SYNTHETIC_ROLES or sources[sname].role == "filtered":
@@ -163,39 +210,30 @@ def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check
                     f"{where}: {key}.mixture.{sname}: role {sources[sname].role!r} cannot be in a mixture "
                     "(synthetic sources come from conditions; filtered variants are swapped in by 'corpus: filtered')"
                 )
-            if w < 0:
+            if not w >= 0:
                 raise ConfigError(f"{where}: {key}.mixture.{sname} is negative ({w})")
-            mix[sname] = w
+            mix[str(sname)] = w
         total = sum(mix.values())
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
             raise ConfigError(f"{where}: {key}.mixture weights sum to {total:g}, expected 1")
-        stages.append(Stage(str(name), kind, tokens, seq, gbs, mix))
+        stages.append(Stage(str(name), kind, st.tokens, st.seq_length, st.global_batch_size, mix))
 
     conditions = []
-    for name, c in raw["conditions"].items():
+    for name, c in doc.conditions.items():
         key = f"conditions.{name}"
-        c = c or {}
-        if not isinstance(c, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping")
-        unknown = set(c) - {"corpus", "synthetic", "timing", "loss_weights"}
-        if unknown:
-            raise ConfigError(f"{where}: {key}: unknown key {sorted(unknown)[0]!r}")
-        corpus = c.get("corpus", "unfiltered")
-        if corpus not in ("unfiltered", "filtered"):
-            raise ConfigError(f"{where}: {key}.corpus must be 'unfiltered' or 'filtered'")
         synthetic = {}
-        for sname, frac in (c.get("synthetic") or {}).items():
-            frac = _number(frac, where, f"{key}.synthetic.{sname}")
+        for sname, frac in c.synthetic.items():
             if sname not in sources:
                 raise ConfigError(f"{where}: {key}.synthetic names unknown source {sname!r}")
             if sources[sname].role not in SYNTHETIC_ROLES:
-                raise ConfigError(f"{where}: {key}.synthetic.{sname}: source role is {sources[sname].role!r}, expected aligned or misaligned")
-            if frac < 0:
+                raise ConfigError(f"{where}: {key}.synthetic.{sname}: source role is {sources[sname].role!r}, "
+                                  "expected aligned or misaligned")
+            if not frac >= 0:
                 raise ConfigError(f"{where}: {key}.synthetic.{sname} is a negative fraction ({frac})")
-            synthetic[sname] = frac
+            synthetic[str(sname)] = frac
         if sum(synthetic.values()) >= 1.0:
             raise ConfigError(f"{where}: {key}.synthetic fractions sum to {sum(synthetic.values()):g}; must be below 1")
-        timing = str(c.get("timing", "e2e"))
+        timing = c.timing
         late = None
         if timing.startswith("late:"):
             try:
@@ -209,68 +247,72 @@ def load_spec(path: str | os.PathLike, *, max_epochs: float | None = None, check
         if timing == "midtrain" and synthetic and not any(s.kind == "midtrain" for s in stages):
             raise ConfigError(f"{where}: {key}.timing is 'midtrain' but no stage has kind 'midtrain'")
         loss_weights = {}
-        raw_weights = c.get("loss_weights") or {}
-        if not isinstance(raw_weights, dict):
-            raise ConfigError(f"{where}: {key}.loss_weights must be a mapping of source -> weight")
-        for sname, w in raw_weights.items():
-            w = _number(w, where, f"{key}.loss_weights.{sname}")
+        for sname, w in c.loss_weights.items():
             if sname not in sources:
                 raise ConfigError(f"{where}: {key}.loss_weights names unknown source {sname!r}")
-            if w < 0:
+            if not (w >= 0 and math.isfinite(w)):
                 raise ConfigError(f"{where}: {key}.loss_weights.{sname} is negative ({w})")
             loss_weights[str(sname)] = w
-        conditions.append(Condition(str(name), corpus, synthetic, timing, late, loss_weights))
+        conditions.append(Condition(str(name), c.corpus, synthetic, timing, late, loss_weights))
 
-    rep = raw.get("repetition") or {}
-    warn_epochs = _number(rep.get("warn_epochs", 1.0), where, "repetition.warn_epochs")
-    max_ep = _number(rep.get("max_epochs", 4.0), where, "repetition.max_epochs") if max_epochs is None else max_epochs
-    seed = raw.get("seed", 1234)
-    if not isinstance(seed, int):
-        raise ConfigError(f"{where}: seed must be an integer")
-    spec = MixSpec(str(path), sources, stages, conditions, seed, warn_epochs, max_ep)
+    rep = doc.repetition
+    max_ep = rep.max_epochs if max_epochs is None else max_epochs
+    if doc.seed < 0:
+        raise ConfigError(f"{where}: seed must be a non-negative integer")
+    spec = MixSpec(str(path), sources, stages, conditions, doc.seed, rep.warn_epochs, max_ep)
     if check_data:
         _read_sizes(spec)
     return spec
 
 
-def _number(value: Any, where: str, key: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be a number")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{where}: {key} must be a number")
-    return float(value)
+def _resolve_prefix(spec_path: Path, prefix: str) -> str:
+    for suffix in (".bin", ".idx"):
+        prefix = prefix.removesuffix(suffix)
+    return str((spec_path.parent / prefix).resolve()) if not os.path.isabs(prefix) else prefix
+
+
+def _source_prefixes(spec_path: Path, key: str, value: str | list[str]) -> list[str]:
+    """A source's absolute prefixes: one, a list, or the ``prefixes`` of a prefixes.json
+    (``sfm launch slurm-data tokenize``; its relative prefixes resolve against its folder)."""
+    where = f"{spec_path}: {key}"
+    if isinstance(value, str) and value.endswith(".json"):
+        from megatron_sfm.utils.readers import read_json
+
+        file = Path(_resolve_prefix(spec_path, value))
+        data = read_json(file, key=key, error=ConfigError)
+        items = data.get("prefixes") if isinstance(data, dict) else None
+        if not isinstance(items, list) or not items or not all(isinstance(p, str) and p for p in items):
+            raise ConfigError(f"{where}: {file} has no 'prefixes' list of dataset prefixes")
+        return [_resolve_prefix(file, p) for p in items]
+    items = [value] if isinstance(value, str) else list(value)
+    if not items or not all(items):
+        raise ConfigError(f"{where}: expected a prefix or a non-empty list of prefixes")
+    out = [_resolve_prefix(spec_path, p) for p in items]
+    dupes = sorted({p for p in out if out.count(p) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: lists {dupes[0]} twice")
+    return out
 
 
 def _read_sizes(spec: MixSpec) -> None:
     from megatron_sfm.data_tools.indexed import read_index
 
     for src in spec.sources.values():
-        try:
-            data = read_index(src.prefix)
-        except SfmError as exc:
-            raise ConfigError(f"{spec.path}: sources.{src.name}: {exc}") from None
-        src.documents, src.tokens = data.num_documents, data.num_tokens
-        if src.tokens == 0:
-            raise ConfigError(f"{spec.path}: sources.{src.name}: dataset {src.prefix} holds no tokens")
+        src.documents, src.tokens, src.prefix_tokens = 0, 0, []
+        for i, prefix in enumerate(src.prefixes):
+            key = f"sources.{src.name}" + (f".prefix[{i}]" if len(src.prefixes) > 1 else "")
+            try:
+                data = read_index(prefix)
+            except SfmError as exc:
+                raise ConfigError(f"{spec.path}: {key}: {exc}") from None
+            if data.num_tokens == 0:
+                raise ConfigError(f"{spec.path}: {key}: dataset {prefix} holds no tokens")
+            src.documents += data.num_documents
+            src.tokens += data.num_tokens
+            src.prefix_tokens.append(data.num_tokens)
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Phase:
-    stage: str
-    index: int
-    start_iteration: int
-    iterations: int
-    samples: int
-    weights: dict[str, float]  # source name -> sample weight (sums to 1)
-    blend_file: str = ""
 
 
 def plan_condition(spec: MixSpec, cond: Condition) -> list[Phase]:
@@ -300,7 +342,8 @@ def plan_condition(spec: MixSpec, cond: Condition) -> list[Phase]:
                 split = min(iters - 1, max(1, round((late_from - start_tokens) / tokens_per_iter)))
                 segments = [(0, split, base), (split, iters - split, with_syn)]
         for k, (start, n, weights) in enumerate(segments):
-            phases.append(Phase(stage.name, k, start, n, n * stage.global_batch_size, weights))
+            phases.append(Phase(start_iteration=start, iterations=n, stage=stage.name, index=k,
+                                samples=n * stage.global_batch_size, weights=weights))
         start_tokens += tokens
     return phases
 
@@ -329,16 +372,22 @@ def _with_synthetic(base: dict[str, float], synthetic: dict[str, float]) -> dict
     return out
 
 
-def blend_json(spec: MixSpec, weights: dict[str, float]) -> dict[str, list]:
-    """Megatron-LM's per-split data-args JSON: ``{"train": [w1, prefix1, ...], "valid": ..., "test": ...}``.
+def blend_json(spec: MixSpec, weights: dict[str, float]) -> dict[str, Any]:
+    """One phase's blend file (:func:`megatron_sfm.data_tools.blend.blend_document`): Megatron-LM's
+    per-split data-args format plus ``"sources"`` (names, in prefix order) and ``"seed"``.
 
-    Validation and test draw from the same blend as training (Megatron builds each split
-    with its own sample count and seed offset).
-    """
-    flat: list = []
+    A source over several prefixes gets one entry per prefix, all under the source's name,
+    its weight split in proportion to the prefixes' tokens (so every prefix is drawn at the
+    same epoch rate and the source's share is its weight)."""
+    if all(len(spec.sources[name].prefixes) == 1 for name in weights):
+        return blend_document(weights, {name: spec.sources[name].prefixes[0] for name in weights}, spec.seed)
+    flat: list[Any] = []
+    names: list[str] = []
     for name, w in weights.items():
-        flat += [w, spec.sources[name].prefix]
-    return {"train": flat, "valid": list(flat), "test": list(flat)}
+        for prefix, share in spec.sources[name].shares():
+            flat += [w * share, prefix]
+            names.append(name)
+    return {"train": flat, "valid": list(flat), "test": list(flat), "sources": names, "seed": spec.seed}
 
 
 def missing_variants(spec: MixSpec, cond: Condition) -> list[str]:
@@ -396,13 +445,16 @@ def manifest(spec: MixSpec, cond: Condition, phases: list[Phase]) -> dict[str, A
     }
 
 
-def write_mix(spec: MixSpec, out_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def write_mix(spec: MixSpec, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Write every condition's blends, phases.json and manifest.json; return the manifests.
 
     Raises ConfigError (after writing nothing) if any source would repeat more than
-    ``max_epochs`` times in any condition.
+    ``max_epochs`` times in any condition. ``out_dir`` must be missing or empty unless
+    ``overwrite``; it is built in a temporary sibling and renamed into place at the end.
     """
-    from megatron_sfm.utils.io import atomic_path, write_json
+    from megatron_sfm.utils.io import check_output_dir, output_dir
+
+    check_output_dir(out_dir, overwrite=overwrite)
 
     plans = {}
     for cond in spec.conditions:
@@ -411,7 +463,13 @@ def write_mix(spec: MixSpec, out_dir: str | os.PathLike) -> dict[str, dict[str, 
     errors = [f"{name}: {e}" for name, (_, _, m) in plans.items() for e in m["errors"]]
     if errors:
         raise ConfigError(f"{spec.path}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-    out = Path(out_dir)
+    with output_dir(out_dir, overwrite=overwrite) as out:
+        return _write_plans(plans, spec, out)
+
+
+def _write_plans(plans, spec: MixSpec, out: Path) -> dict[str, dict[str, Any]]:
+    from megatron_sfm.utils.io import atomic_path, write_json
+
     manifests = {}
     for name, (cond, phases, man) in plans.items():
         final = out / name

@@ -8,19 +8,26 @@ core_v0.16.1, document level, ``--append-eod``) for the same input and tokenizer
   sequence and no EOD (what ``Encoder.encode`` + ``add_document`` do for it);
 * token dtype ``uint16`` when the tokenizer's vocabulary (added tokens included) has
   fewer than 65500 ids, else ``int32`` (``DType.optimal_dtype``);
-* written through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``
-  (default), or with ``writer="numpy"`` by :class:`indexed.IndexWriter`, a byte-identical
-  (tested) writer for data nodes without torch.
+* written by :class:`indexed.IndexWriter` (default ``writer="numpy"``: numpy only, no
+  Megatron-Core or torch import, byte-identical to Megatron-Core's
+  ``IndexedDatasetBuilder``, tested), or with ``writer="megatron"`` through
+  ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`` itself.
+
+Next to the pair, ``PREFIX.stats.json`` (see :func:`tokenize_to_indexed`) records the
+counts, dtype and largest token id, computed while tokenizing.
 
 Work is split into chunks of consecutive lines (about ``chunk_bytes`` each) that worker
 processes parse (orjson) and encode; the parent writes results in input order, so the
-files are the same for any number of workers. Workers are forked before anything heavy is
-imported, so they stay light; with the Megatron writer the parent imports Megatron-Core
-(and torch) in a background thread while the first chunks are encoded.
+files are the same for any number of workers. Workers are forked right after the
+tokenizer is loaded and import nothing heavy (gigatoken is called per document, which
+returns numpy arrays, so awkward and the pyarrow it imports are never loaded); with the
+Megatron writer the parent imports Megatron-Core (and torch) in a background thread while
+the first chunks are encoded.
 
-Files are written under temporary names and renamed (``.bin`` first, then ``.idx``)
-only when complete; an existing ``.idx`` is removed before the new ``.bin`` is put in
-place, so an interrupted run never leaves a matching ``.bin``/``.idx`` pair behind.
+Files are written under temporary names and renamed only when complete: an existing
+``.idx`` is removed first, then ``.bin``, ``.stats.json`` and last ``.idx`` are put in
+place, so an interrupted run never leaves a matching ``.bin``/``.idx`` pair behind, and a
+``.idx`` always has the ``.stats.json`` of its own run.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class Encoded:
     newlines: int = 0
     bad_lines: list[int] = field(default_factory=list)
     error: tuple[int, str] | None = None  # (line in chunk, message) of the first bad line
+    max_id: int = -1  # largest token id in ``tokens`` (-1: none)
 
 
 def iter_chunks(shards: list[Path], text_key: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
@@ -196,7 +204,8 @@ def encode_chunk(chunk: Chunk) -> Encoded:
         ends = np.cumsum(lengths)[nonempty]
         flat = np.insert(flat.astype(dtype, copy=False), ends, _TOK.eod_id)
         lengths = lengths + nonempty
-    return Encoded(flat.astype(dtype, copy=False), lengths, chunk.nbytes, newlines, bad)
+    max_id = int(flat.max()) if flat.size else -1
+    return Encoded(flat.astype(dtype, copy=False), lengths, chunk.nbytes, newlines, bad, max_id=max_id)
 
 
 def _add_index_entries(builder, lengths: np.ndarray) -> None:
@@ -232,18 +241,24 @@ def tokenize_to_indexed(
     eod_token: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
-    writer: str = "megatron",
+    writer: str = "numpy",
 ) -> dict[str, Any]:
-    """Tokenize ``inputs`` (shards or folders) into ``out_prefix.bin/.idx``; return a summary dict.
+    """Tokenize ``inputs`` (shards or folders) into ``out_prefix.bin/.idx`` and
+    ``out_prefix.stats.json``; return a summary dict.
 
     Summary keys: ``documents``, ``empty_documents``, ``tokens`` (EOD included),
-    ``bad_lines``, ``input_bytes``, ``seconds``, ``dtype``, ``vocab_size``, ``eod_id``,
-    ``backend``, ``workers``, ``prefix``, ``writer``.
+    ``max_token_id``, ``bad_lines``, ``input_bytes``, ``seconds``, ``dtype``,
+    ``vocab_size``, ``eod_id``, ``backend``, ``workers``, ``prefix``, ``writer``.
 
-    ``writer``: ``"megatron"`` (default) goes through
+    ``writer``: ``"numpy"`` (default) writes with :class:`indexed.IndexWriter` without
+    importing Megatron-Core or torch; ``"megatron"`` goes through
     ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`` (imported in a
-    background thread while the first chunks encode); ``"numpy"`` writes byte-identical
-    files with :class:`indexed.IndexWriter` without importing Megatron-Core or torch.
+    background thread while the first chunks encode). The files are the same (tested).
+
+    ``PREFIX.stats.json`` (written atomically, before the ``.idx`` is put in place):
+    ``num_documents``, ``num_sequences``, ``num_tokens`` (EOD included), ``max_token_id``
+    (EOD included; -1 when there are no tokens), ``dtype``, ``vocab_size``, ``eod_id``,
+    ``append_eod``, ``tokenizer`` (absolute path of the tokenizer file), ``empty_documents``.
     """
     import multiprocessing as mp
 
@@ -255,12 +270,15 @@ def tokenize_to_indexed(
         raise SfmError(f"unknown writer {writer!r} (numpy or megatron)")
     start = time.perf_counter()
     shards = docs.expand_inputs(inputs)
+    out_prefix = str(out_prefix)
+    tmp_bin = _tmp_name(out_prefix + ".bin")
+    tmp_idx = _tmp_name(out_prefix + ".idx")
+    tmp_stats = _tmp_name(out_prefix + ".stats.json")
+    _check_out_prefix(out_prefix, tmp_bin)  # before any work: a bad --out fails at once
     tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
     dtype = optimal_dtype(tok.vocab_size)
     cfg = {"text_key": text_key, "skip_bad_lines": skip_bad_lines, "append_eod": append_eod, "dtype": dtype}
     _set_worker_state(tok, cfg)
-    out_prefix = str(out_prefix)
-    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(s.stat().st_size for s in shards)
 
     pool = None
@@ -276,9 +294,7 @@ def tokenize_to_indexed(
         importer = threading.Thread(target=_import_indexed_dataset, args=(megatron,), daemon=True)
         importer.start()
 
-    tmp_bin = _tmp_name(out_prefix + ".bin")
-    tmp_idx = _tmp_name(out_prefix + ".idx")
-    summary = {"documents": 0, "empty_documents": 0, "tokens": 0, "bad_lines": 0, "input_bytes": 0}
+    summary = {"documents": 0, "empty_documents": 0, "tokens": 0, "max_token_id": -1, "bad_lines": 0, "input_bytes": 0}
     bad_examples: list[str] = []
     try:
         with _TokenizeProgress(progress, total_bytes) as bar:
@@ -307,21 +323,38 @@ def tokenize_to_indexed(
                 summary["empty_documents"] += int((enc.lengths == 0).sum())
                 summary["documents"] += ndocs
                 summary["tokens"] += int(enc.lengths.sum())
+                summary["max_token_id"] = max(summary["max_token_id"], enc.max_id)
                 summary["bad_lines"] += len(enc.bad_lines)
                 summary["input_bytes"] += enc.input_bytes
                 bad_examples += [f"{chunk_source}:{base + i + 1}" for i in enc.bad_lines[: max(0, 5 - len(bad_examples))]]
                 lines_done[chunk_source] = base + enc.newlines
                 bar.advance(enc.input_bytes, ndocs)
             builder.finalize(tmp_idx)
-        # Put the new pair in place: drop any old index first, then .bin, then .idx last.
+        stats = {
+            "num_documents": summary["documents"],
+            "num_sequences": summary["documents"] - summary["empty_documents"],
+            "num_tokens": summary["tokens"],
+            "max_token_id": summary["max_token_id"],
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "append_eod": append_eod,
+            "tokenizer": str(Path(tok.path).resolve()),
+            "empty_documents": summary["empty_documents"],
+        }
+        with open(tmp_stats, "w", encoding="utf-8") as f:
+            f.write(json.dumps(stats, indent=2) + "\n")
+        # Put the new files in place: drop any old index first, then .bin and .stats.json,
+        # and .idx last (a reader that finds the .idx finds the rest of its run).
         Path(out_prefix + ".idx").unlink(missing_ok=True)
         os.replace(tmp_bin, out_prefix + ".bin")
+        os.replace(tmp_stats, out_prefix + ".stats.json")
         os.replace(tmp_idx, out_prefix + ".idx")
     except BaseException:
         if pool is not None:
             pool.terminate()
             pool = None
-        for p in (tmp_bin, tmp_idx):
+        for p in (tmp_bin, tmp_idx, tmp_stats):
             Path(p).unlink(missing_ok=True)
         raise
     finally:
@@ -356,6 +389,24 @@ def _chain(first: list, rest):
 def _tmp_name(final: str) -> str:
     p = Path(final)
     return str(p.with_name(f".{p.name}.{os.getpid()}.tmp"))
+
+
+def _check_out_prefix(out_prefix: str, tmp_bin: str) -> None:
+    """Make the prefix's folder and check that files can be written there; one-line SfmError if not."""
+    name = os.path.basename(out_prefix)
+    if not name or name in (".", ".."):
+        raise SfmError(f"--out {out_prefix!r}: give a file prefix (writes PREFIX.bin, PREFIX.idx), not a folder")
+    folder = Path(out_prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SfmError(f"--out {out_prefix}: cannot create the folder {folder} ({exc.strerror or exc})") from None
+    try:
+        with open(tmp_bin, "wb"):
+            pass
+    except OSError as exc:
+        raise SfmError(f"--out {out_prefix}: cannot write in {folder} ({exc.strerror or exc})") from None
+    os.unlink(tmp_bin)
 
 
 def _import_indexed_dataset(out: dict) -> None:

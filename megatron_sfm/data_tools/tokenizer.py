@@ -21,7 +21,6 @@ No torch import anywhere in this module.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_sfm.errors import SfmError
+from megatron_sfm.utils.readers import read_json
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -87,17 +87,8 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
 
     def __init__(self, json_path: Path, backend: str = "auto", eod_token: str | None = None):
-        from tokenizers import Tokenizer as _Tok
-
         self.path = json_path
-        try:
-            self._hf = _Tok.from_file(str(json_path))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise SfmError(f"{json_path}: not a Hugging Face tokenizer.json ({exc})") from None
-        self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-        config = _read_tokenizer_config(json_path.parent)
-        self.eod_id = self._find_special(eod_token, config, "eos_token", [EOD_TOKEN, "</s>", "<eos>"], required=True)
-        self.pad_id = self._find_special(None, config, "pad_token", [PAD_TOKEN, "<pad>"], required=False)
+        self._hf_tok = None
         self._gt = None
         if backend not in ("auto", "gigatoken", "tokenizers"):
             raise SfmError(f"unknown tokenizer backend {backend!r} (auto, gigatoken or tokenizers)")
@@ -115,9 +106,31 @@ class HFTokenizer(Tokenizer):
         # gigatoken maps a special token's literal string in the text to its id, as
         # `tokenizers` and Megatron-LM's tokenizer do (tested).
         self.backend = "gigatoken" if self._gt is not None else "tokenizers"
+        # With gigatoken, the vocabulary is read from the JSON (about 10x cheaper than
+        # loading it a second time into `tokenizers`, which is then loaded only if
+        # decode/token_to_id are used); it must agree with gigatoken's count, else (and
+        # without gigatoken) `tokenizers` decides.
+        vocab = _vocab_from_json(json_path) if self._gt is not None else None
+        if vocab is None or len(vocab) != self._gt.vocab_size:
+            vocab = self._hf.get_vocab(with_added_tokens=True)
+        self.vocab_size = len(vocab)  # = tokenizers' get_vocab_size(with_added_tokens=True)
+        config = _read_tokenizer_config(json_path.parent)
+        self.eod_id = self._find_special(vocab, eod_token, config, "eos_token", [EOD_TOKEN, "</s>", "<eos>"], required=True)
+        self.pad_id = self._find_special(vocab, None, config, "pad_token", [PAD_TOKEN, "<pad>"], required=False)
 
-    def _find_special(self, explicit, config, key, fallbacks, required):
-        vocab = self._hf.get_vocab(with_added_tokens=True)
+    @property
+    def _hf(self):
+        """The Hugging Face ``tokenizers`` object, loaded on first use."""
+        if self._hf_tok is None:
+            from tokenizers import Tokenizer as _Tok
+
+            try:
+                self._hf_tok = _Tok.from_file(str(self.path))
+            except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+                raise SfmError(f"{self.path}: not a Hugging Face tokenizer.json ({exc})") from None
+        return self._hf_tok
+
+    def _find_special(self, vocab, explicit, config, key, fallbacks, required):
         candidates = []
         if explicit:
             if explicit not in vocab:
@@ -148,6 +161,13 @@ class HFTokenizer(Tokenizer):
         """See :meth:`Tokenizer.encode_batch`; ``parallel`` lets gigatoken use all cores (None: auto)."""
         if not texts:
             return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+        if self._gt is not None and parallel is False:
+            # one call per document: as fast as the sequential batch call, and it returns
+            # numpy arrays, so awkward (and the pyarrow/fsspec it imports) is never loaded
+            encode = self._gt.encode
+            arrays = [encode(t) for t in texts]
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            return np.concatenate(arrays).astype(np.uint32, copy=False), lengths
         if self._gt is not None:
             import awkward as ak
 
@@ -203,14 +223,36 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
+def _vocab_from_json(path: Path) -> dict[str, int] | None:
+    """Token -> id of a ``tokenizer.json`` whose model has a token -> id vocabulary (BPE,
+    WordPiece, WordLevel), added tokens included: what ``tokenizers``'
+    ``get_vocab(with_added_tokens=True)`` gives. None when the file is not of that kind or
+    an added token gives a model token another id (``tokenizers`` then decides)."""
+    import orjson
+
+    try:
+        spec = orjson.loads(path.read_bytes())
+        vocab = spec["model"]["vocab"]
+        added = spec.get("added_tokens") or []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(vocab, dict) or not isinstance(added, list):
+        return None
+    merged = dict(vocab)
+    for token in added:
+        if not isinstance(token, dict):
+            return None
+        content, i = token.get("content"), token.get("id")
+        if not isinstance(content, str) or not isinstance(i, int) or merged.setdefault(content, i) != i:
+            return None
+    return merged
+
+
 def _read_tokenizer_config(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise SfmError(f"{path}: invalid JSON ({exc})") from None
+    return read_json(path)
 
 
 def resolve_tokenizer_path(path: str | os.PathLike) -> tuple[str, Path]:
@@ -289,7 +331,14 @@ def train_bpe_tokenizer(
     ``texts_or_files``: strings, or paths of shards / .txt files.
     """
     from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     if vocab_size < 258 + 2:
         raise SfmError(f"vocab_size {vocab_size} is too small for a byte-level BPE (needs at least 260)")

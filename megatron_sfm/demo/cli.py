@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
         prog="sfm demo",
         description="Filter -> tokenizer -> tokenize -> mix four conditions -> train four tiny models -> "
                     "convert to Hugging Face -> propensity evaluation, on CPU with embedded data. "
-                    "A rerun skips finished stages.")
+                    "A rerun into the same --out skips finished stages; any other non-empty --out is refused.")
     parser.add_argument("--out", default="sfm-demo", help="output folder (default: ./sfm-demo)")
     parser.add_argument("--fast", action="store_true", help="tiny sizes (what the test suite runs)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
@@ -27,6 +27,17 @@ def main(argv: list[str]) -> int:
         settings.train_iters = args.train_iters
     console = Console()
     out = Path(args.out)
+    if not (out / ".stages").is_dir():
+        # The demo's own output rule: a folder of an earlier demo run resumes (its finished
+        # stages are skipped, --force redoes them); any other non-empty folder is refused.
+        from megatron_sfm.errors import SfmError
+        from megatron_sfm.utils.io import check_output_dir
+
+        try:
+            check_output_dir(out)
+        except SfmError:
+            raise SfmError(f"--out {out}/: not empty and not an earlier demo run (no .stages/ inside); "
+                           "pick another folder") from None
     console.print(f"[bold]megatron-sfm demo[/bold] -> {out} ({'fast' if args.fast else 'full'})")
     run = DemoRun(out, settings, console=console)
     summary = run.run(force=args.force)

@@ -51,13 +51,55 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> "DemoSettings":
+        # 150 iterations (~25 ms each on CPU; each run is dominated by its ~9 s start-up): the
+        # fewest with which likelihood mode separates the upsampled models on articles by a
+        # wide margin (100: 62.5 vs 37.5; 150: 71.9 vs 25.0), which tests/demo asserts.
         return cls(base_documents=600, synthetic_per_question=2, vocab_size=512, num_layers=2, hidden_size=64,
-                   seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=12, eval_batch_size=32,
+                   seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=150, eval_batch_size=32,
                    eval_questions_per_split=8)
 
 
+# The ordering the paper reports on the articles split (least to most misaligned).
+PAPER_ORDER = ("alignment upsampled", "unfiltered", "misalignment upsampled")
+MODE_NAMES = {"propensity": "letter log-probabilities (the paper's protocol)",
+              "propensity_likelihood": "option likelihood (not the paper's protocol)"}
+
+
+def paper_order_holds(prop: dict, split: str) -> bool | None:
+    """Whether ``PAPER_ORDER`` holds strictly on ``split``'s overall rates (None: a rate is missing)."""
+    rates = []
+    for label in PAPER_ORDER:
+        entry = prop["models"].get(label, {}).get("splits", {}).get(split)
+        if not entry or entry["status"] != "ok" or entry["all"] is None or entry["all"]["mean"] is None:
+            return None
+        rates.append(entry["all"]["mean"])
+    return rates[0] < rates[1] < rates[2]
+
+
+def demo_findings(results: dict) -> dict:
+    """The ordering each scoring mode finds per split, and whether the paper's ordering shows."""
+    from megatron_sfm.evaluation.report import ordering, ordering_text
+
+    out: dict = {"paper_order": list(PAPER_ORDER), "orderings": {}, "summary": []}
+    for section, mode_name in MODE_NAMES.items():
+        prop = results.get(section)
+        if not prop:
+            continue
+        out["orderings"][section] = {}
+        for split in ("articles", "textbook"):
+            holds = paper_order_holds(prop, split)
+            out["orderings"][section][split] = {
+                "order": [[label, rate] for label, rate in ordering(prop, split)], "paper_order_holds": holds}
+            if holds is None:
+                continue
+            verdict = ("the paper's ordering (" + " < ".join(PAPER_ORDER) + ") holds" if holds
+                       else "the paper's ordering does not hold")
+            out["summary"].append(f"{mode_name}, {split}: {ordering_text(prop, split)} (misaligned %); {verdict}.")
+    return out
+
+
 @dataclass
-class Stage:
+class DemoStep:
     name: str
     title: str
     run: Callable[[], dict]
@@ -229,14 +271,16 @@ class DemoRun:
         for condition in CONDITIONS:
             target = self.out_dir / "hf" / condition
             export_to_hf(self.out_dir / "runs" / condition / "checkpoints", target, dtype="fp32",
-                         tokenizer=str(self.out_dir / "tokenizer"), verify=True)
+                         tokenizer=str(self.out_dir / "tokenizer"), verify=True, overwrite=True)  # a redone stage
             out[condition] = str(target)
         return out
 
     def stage_evaluate(self) -> dict:
+        """Both scoring modes side by side: letter log-probabilities (the paper's protocol)
+        and option likelihood (not the paper's protocol; what tiny models can show)."""
         from megatron_sfm.evaluation.propensity import run_propensity
         from megatron_sfm.evaluation.questions import load_questions
-        from megatron_sfm.evaluation.report import write_report
+        from megatron_sfm.evaluation.report import write_answers, write_report
 
         questions = load_questions()
         if self.settings.eval_questions_per_split is not None:
@@ -248,25 +292,43 @@ class DemoRun:
                     kept.append(q)
             questions = kept
         models = [f"{LABELS[c]}={self.out_dir / 'hf' / c}" for c in CONDITIONS]
-        results, answers = run_propensity(models, questions, mode="logprob", persona="ai",
-                                          batch_size=self.settings.eval_batch_size, show_progress=True)
+        seconds = {}
+        started = time.time()
+        letters, letter_answers = run_propensity(models, questions, mode="logprob", persona="ai",
+                                                 batch_size=self.settings.eval_batch_size, show_progress=True)
+        seconds["logprob"] = round(time.time() - started, 1)
+        started = time.time()
+        likelihood, likelihood_answers = run_propensity(models, questions, mode="likelihood", persona="ai",
+                                                        normalize="token", batch_size=self.settings.eval_batch_size,
+                                                        show_progress=True)
+        seconds["likelihood"] = round(time.time() - started, 1)
+        results = {"kind": "sfm-eval", "version": 1, "propensity": letters["propensity"],
+                   "propensity_likelihood": likelihood["propensity_likelihood"]}
+        results["demo"] = demo_findings(results)
         results_dir = self.out_dir / "results"
         if results_dir.exists():
             shutil.rmtree(results_dir)
-        written = write_report(results_dir, results, answers, console=True)
-        return {name: str(path) for name, path in written.items()}
+        written = write_report(results_dir, results, letter_answers, console=True)
+        for label, path in write_answers(results_dir, likelihood_answers, "answers-likelihood").items():
+            written[f"answers-likelihood:{label}"] = path
+        for line in results["demo"]["summary"]:
+            self._say(f"  {line}")
+        info = {name: str(path) for name, path in written.items()}
+        info["mode_seconds"] = seconds
+        return info
 
     # ------------------------------------------------------------------ driver
-    def stages(self) -> list[Stage]:
+    def stages(self) -> list[DemoStep]:
         return [
-            Stage("corpus", "write the base corpus and synthetic documents", self.stage_corpus),
-            Stage("filter", "filter AI discourse out of the base corpus", self.stage_filter),
-            Stage("tokenizer", "train a BPE tokenizer", self.stage_tokenizer),
-            Stage("tokenize", "tokenize every source into Megatron indexed datasets", self.stage_tokenize),
-            Stage("mix", "mix the four conditions", self.stage_mix),
-            Stage("train", "train one model per condition", self.stage_train),
-            Stage("convert", "convert checkpoints to Hugging Face (with logits check)", self.stage_convert),
-            Stage("evaluate", "misalignment propensity on both splits", self.stage_evaluate),
+            DemoStep("corpus", "write the base corpus and synthetic documents", self.stage_corpus),
+            DemoStep("filter", "filter AI discourse out of the base corpus", self.stage_filter),
+            DemoStep("tokenizer", "train a BPE tokenizer", self.stage_tokenizer),
+            DemoStep("tokenize", "tokenize every source into Megatron indexed datasets", self.stage_tokenize),
+            DemoStep("mix", "mix the four conditions", self.stage_mix),
+            DemoStep("train", "train one model per condition", self.stage_train),
+            DemoStep("convert", "convert checkpoints to Hugging Face (with logits check)", self.stage_convert),
+            DemoStep("evaluate", "misalignment propensity on both splits, letter and likelihood modes",
+                  self.stage_evaluate),
         ]
 
     def run(self, force: bool = False) -> dict:

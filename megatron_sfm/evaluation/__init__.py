@@ -4,9 +4,9 @@ Light at import time: heavy modules (torch, transformers, lm-eval) are imported 
 the functions that need them.
 
 - :mod:`.questions`: the scenario schema, loader and bundled illustrative set.
-- :mod:`.formats`: the 4 syntax templates x 2 answer orders and the persona preambles.
+- :mod:`.formats`: the 4 syntax templates x 2 answer orders, the 4 likelihood variants, personas.
 - :mod:`.models`: resolve a Hugging Face folder or one of our Megatron checkpoints.
-- :mod:`.scoring`: log-prob letter scoring and generate-and-parse answering.
+- :mod:`.scoring`: letter log-probs, option likelihoods (shared-prefix KV cache), generate-and-parse.
 - :mod:`.stats`: mean and standard error over formats.
 - :mod:`.propensity`: the protocol end to end.
 - :mod:`.report`: results.json / results.md / bar chart / console table.

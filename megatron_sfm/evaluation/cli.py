@@ -1,7 +1,8 @@
 """``sfm eval``: misalignment propensity and capability evaluation.
 
-    sfm eval propensity MODEL... [--questions FILE] --out DIR [--mode logprob|generate]
+    sfm eval propensity MODEL... [--questions FILE] --out DIR [--mode logprob|likelihood|generate]
                         [--persona none|ai|helpful|hhh] [--order balanced|aligned-first|misaligned-first]
+                        [--normalize token|byte]                      # likelihood mode
     sfm eval capabilities MODEL --tasks sfm_local_qa,arc_easy,... --out DIR
     sfm eval questions [--questions FILE]      # validate a question file and count it
 
@@ -32,11 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", default=None,
                    help="column mapping FIELD=COLUMN,... or a preset (sfm, released); see docs/evaluation.md")
     p.add_argument("--splits", default=None, help="comma-separated splits to keep (default: all)")
-    p.add_argument("--out", required=True, help="output folder (results.json, results.md, propensity.png)")
-    p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
-                   help="logprob: letter log-probabilities (base models); generate: chat template + parse")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, propensity.png); "
+                   "missing, empty, or a report without a propensity section")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier propensity run (or a non-report folder) at --out, atomically")
+    p.add_argument("--mode", choices=["logprob", "likelihood", "generate"], default="logprob",
+                   help="logprob: letter log-probabilities (capable base models; the paper's protocol); "
+                        "likelihood: each option's text as the continuation (small base models; NOT the "
+                        "paper's protocol); generate: chat template + parse")
+    p.add_argument("--normalize", choices=["token", "byte"], default="token",
+                   help="likelihood mode: compare options by log-likelihood per token (default) or per "
+                        "UTF-8 byte (lm-evaluation-harness acc_bytes)")
     p.add_argument("--persona", choices=list(PERSONAS), default=None,
-                   help="preamble (default: ai for logprob, hhh for generate)")
+                   help="preamble (default: ai for logprob and likelihood, hhh for generate)")
     p.add_argument("--order", choices=list(ORDER_CHOICES), default="balanced",
                    help="answer orders: balanced (8 formats) or one order only (4 formats)")
     p.add_argument("--tokenizer", default=None,
@@ -48,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("capabilities", help="lm-evaluation-harness tasks, merged into the same report")
     c.add_argument("model", metavar="MODEL", help="HF folder or Megatron checkpoint, optionally LABEL=PATH")
     c.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks (bundled offline task: sfm_local_qa)")
-    c.add_argument("--out", required=True, help="output folder (merged into results.json / results.md)")
+    c.add_argument("--out", required=True, help="output folder (merged into results.json / results.md): "
+                   "missing, empty, or an sfm eval report")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-report folder at --out, atomically")
     c.add_argument("--limit", type=float, default=None, help="examples per task (testing only)")
     c.add_argument("--num-fewshot", type=int, default=None)
     c.add_argument("--tokenizer", default=None, help="tokenizer folder saved with an on-the-fly export")
@@ -61,42 +72,90 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_REPORT_ENTRIES = {"results.json", "results.md", "propensity.png", "answers", "answers-likelihood"}
+_ANSWERS_DIR = {"propensity": "answers", "propensity_likelihood": "answers-likelihood"}
+
+
+def _prepare_out(out: str, section: str, overwrite: bool) -> str:
+    """The output rule of ``sfm eval`` (docs/evaluation.md): one folder holds one report.
+
+    Returns ``"merge"`` (write the section into the report in place: a missing or empty
+    folder, or a report without this command's earlier run) or ``"rebuild"`` /
+    ``"fresh"`` (with ``overwrite``: build the new report, keeping the report's other
+    sections / from nothing, in a temporary folder that then replaces ``out``). An
+    earlier propensity run, or a folder that is not an sfm eval report, is refused
+    without ``overwrite``: its files would stay beside the new ones.
+    """
+    from megatron_sfm.errors import SfmError
+    from megatron_sfm.evaluation.report import read_results
+    from megatron_sfm.utils.io import check_output_dir
+
+    path = check_output_dir(out, overwrite=True)  # a file at the path is an error
+    if not path.is_dir() or not any(path.iterdir()):
+        return "merge"
+    names = {p.name for p in path.iterdir()}
+    if (path / "results.json").is_file() and names <= _REPORT_ENTRIES:
+        data = read_results(path)  # a foreign results.json is an error
+        if section == "capabilities" or not (data.get(section) or _ANSWERS_DIR[section] in names):
+            return "merge"
+        what, mode = "an earlier propensity run", "rebuild"
+    else:
+        what, mode = "files that are not an sfm eval report", "fresh"
+    if not overwrite:
+        raise SfmError(f"--out {path}/: not empty (holds {what}); pass --overwrite to replace it")
+    return mode
+
+
+def _write(out: str, mode: str, section: str, value: dict, answers=None) -> dict:
+    """Merge ``section`` into the report at ``out`` (see :func:`_prepare_out` for ``mode``)."""
+    from pathlib import Path
+
+    from megatron_sfm.evaluation.report import merge_section, write_report
+    from megatron_sfm.utils.io import output_dir
+
+    if mode == "merge":
+        return write_report(out, merge_section(out, section, value), answers,
+                            answers_dir=_ANSWERS_DIR.get(section, "answers"))
+    with output_dir(out, overwrite=True) as tmp:
+        report = merge_section(out if mode == "rebuild" else tmp, section, value)
+        written = write_report(tmp, report, answers, answers_dir=_ANSWERS_DIR.get(section, "answers"))
+    return {k: Path(out) / p.relative_to(tmp) for k, p in written.items()}
+
+
 def _propensity(args) -> int:
-    from megatron_sfm.evaluation.propensity import run_propensity
+    from megatron_sfm.evaluation.propensity import run_propensity, section_for_mode
     from megatron_sfm.evaluation.questions import load_questions
-    from megatron_sfm.evaluation.report import merge_section, read_results, write_report
 
     questions = load_questions(args.questions, args.columns)
     if args.splits:
         keep = {s.strip().lower() for s in args.splits.split(",") if s.strip()}
         questions = [q for q in questions if q.split in keep]
-    read_results(args.out)  # fail early on a foreign results.json
+    section = section_for_mode(args.mode)  # letter modes: propensity; likelihood: propensity_likelihood
+    mode = _prepare_out(args.out, section, args.overwrite)  # fail early, before the models run
     results, answers = run_propensity(
         args.models, questions, mode=args.mode, persona=args.persona, order=args.order,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
         show_progress=not args.no_progress, questions_file=args.questions or "bundled", tokenizer_path=args.tokenizer,
+        normalize=args.normalize,
     )
-    report = merge_section(args.out, "propensity", results["propensity"])
-    written = write_report(args.out, report, answers)
+    written = _write(args.out, mode, section, results[section], answers)
     print(f"wrote {written['json']}, {written['md']}, {written['png']}")
     return 0
 
 
 def _capabilities(args) -> int:
     from megatron_sfm.evaluation.capabilities import run_capabilities
-    from megatron_sfm.evaluation.report import merge_section, read_results, write_report
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads a float below 1 as a fraction, an int as a count
-    read_results(args.out)
+    mode = _prepare_out(args.out, "capabilities", args.overwrite)
     label, section = run_capabilities(
         args.model, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
         device=args.device, dtype=args.dtype, include_paths=args.include_path, tokenizer_path=args.tokenizer,
     )
-    report = merge_section(args.out, "capabilities", {label: section})
-    written = write_report(args.out, report)
+    written = _write(args.out, mode, "capabilities", {label: section})
     print(f"wrote {written['json']}, {written['md']}")
     return 0
 

@@ -4,11 +4,11 @@ A model argument is ``PATH`` or ``LABEL=PATH``. ``PATH`` is either
 
 - a Hugging Face folder (``config.json`` + weights + tokenizer files, as written by
   ``sfm convert to-hf``), loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer``; or
-- one of our Megatron checkpoint folders (a ``latest`` or
-  ``latest_checkpointed_iteration.txt`` file next to ``iter_*`` folders), converted on
-  the fly into a temporary Hugging Face folder by ``megatron_sfm.conversion``
-  (``export_to_hf``, as ``sfm convert to-hf CKPT --out DIR``) and deleted after the
-  evaluation. One ``iter_*`` folder (with ``.metadata``) works too.
+- one of our checkpoints (a ``latest`` file next to ``iter_*`` folders, or one ``iter_*``
+  folder; :func:`megatron_sfm.checkpoint_format.is_checkpoint`), converted on the fly into
+  a temporary Hugging Face folder by ``megatron_sfm.conversion`` (``export_to_hf``, as
+  ``sfm convert to-hf CKPT --out DIR``: the checkpoint's manifest, sizes and content
+  checksums are verified first) and deleted after the evaluation.
 
 Precision: bf16 on a GPU, fp32 on CPU (``dtype`` overrides).
 """
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_sfm.errors import SfmError
-
-LATEST_FILES = ("latest", "latest_checkpointed_iteration.txt")
 
 
 @dataclass(frozen=True)
@@ -53,13 +51,9 @@ def parse_model_specs(args: list[str]) -> list[ModelSpec]:
 
 def is_megatron_checkpoint(path: str | os.PathLike) -> bool:
     """True for a checkpoint root (``latest`` marker file and ``iter_*`` folders) or one ``iter_*`` folder."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if p.name.startswith("iter_") and (p / ".metadata").is_file():
-        return True  # one iteration folder of a checkpoint
-    has_latest = any((p / name).is_file() for name in LATEST_FILES)
-    return has_latest and any(c.is_dir() and c.name.startswith("iter_") for c in p.iterdir())
+    from megatron_sfm.checkpoint_format import is_checkpoint
+
+    return is_checkpoint(path)
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -106,7 +100,7 @@ def hf_folder_for(path: str | os.PathLike, tokenizer: str | os.PathLike | None =
     if not is_megatron_checkpoint(p):
         raise SfmError(
             f"{p}: neither a Hugging Face folder (no config.json) nor a Megatron checkpoint "
-            f"(no {' or '.join(LATEST_FILES)} file with iter_* folders)"
+            "(no 'latest' file with iter_* folders)"
         )
     tmp = Path(tempfile.mkdtemp(prefix="sfm-eval-hf-"))
     try:

@@ -155,6 +155,11 @@ def _field_value(rec: Mapping[str, Any], column: str, where: str, row_index: int
     return rec[column]
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Equal up to case and runs of whitespace: no model could tell the two options apart."""
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
 def load_question_file(
     path: str | os.PathLike | None = None,
     columns: str | Mapping[str, str] | None = None,
@@ -162,7 +167,8 @@ def load_question_file(
     """Read questions and the optional ``_meta`` header. ``path=None``: the bundled set.
 
     Raises :class:`SfmError` naming file and line for bad JSON, a missing or empty
-    field, a non-string field, or a duplicate id.
+    field, a non-string field, options that are the same text (up to case and
+    whitespace), or a duplicate id.
     """
     path = bundled_questions_path() if path is None else Path(path)
     if not path.is_file():
@@ -191,6 +197,10 @@ def load_question_file(
             values[fname] = value
         source_col = mapping.get("source", "source")
         source = rec.get(source_col) if not source_col.startswith(("=", "@")) else source_col[1:]
+        if _same_text(values["aligned"], values["misaligned"]):
+            raise SfmError(
+                f"{where}: fields 'aligned' and 'misaligned' are the same text; a question needs two different options"
+            )
         values["split"] = values["split"].lower()
         values["topic"] = " ".join(values["topic"].lower().replace("_", " ").split())
         if values["id"] in seen:

@@ -1,9 +1,10 @@
 """The evaluation report: results.json, results.md, propensity.png, console table.
 
-One output folder holds one report. ``sfm eval propensity`` and ``sfm eval
-capabilities`` each write their own section of results.json (``propensity`` /
-``capabilities``) and keep the other section if it is already there, then re-render
-results.md (and the chart when propensity results are present). Every file is written
+One output folder holds one report. ``sfm eval propensity`` (``propensity`` for the
+letter modes, ``propensity_likelihood`` for likelihood mode) and ``sfm eval
+capabilities`` each write their own section of results.json and keep the other
+sections if they are already there, then re-render results.md (and the chart when
+propensity results are present: one panel per split and mode). Every file is written
 atomically.
 """
 
@@ -22,6 +23,41 @@ from megatron_sfm.utils.io import atomic_path, write_json
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 CHART_PNG = "propensity.png"
+# results.json sections holding propensity results, in report order, and their answers folders
+PROPENSITY_SECTIONS = ("propensity", "propensity_likelihood")
+ANSWERS_DIRS = {"propensity": "answers", "propensity_likelihood": "answers-likelihood"}
+NOT_PAPER = "not the paper's protocol"
+
+
+def _sections(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, results[name]) for name in PROPENSITY_SECTIONS if results.get(name)]
+
+
+def _mode_title(prop: dict[str, Any]) -> str:
+    if prop.get("mode") == "likelihood":
+        return f"option likelihood, per {prop.get('normalize', 'token')} ({NOT_PAPER})"
+    return {"logprob": "letter log-probabilities", "generate": "generated letters"}.get(prop["mode"], prop["mode"])
+
+
+def ordering(prop: dict[str, Any], split: str) -> list[tuple[str, float]]:
+    """(label, misalignment rate) of the models with a rate on ``split``'s ``all`` cell, lowest first."""
+    rows = []
+    for label, m in prop["models"].items():
+        entry = m["splits"].get(split)
+        if entry and entry["status"] == "ok" and entry["all"] and entry["all"]["mean"] is not None:
+            rows.append((label, entry["all"]["mean"]))
+    return sorted(rows, key=lambda r: r[1])
+
+
+def ordering_text(prop: dict[str, Any], split: str) -> str:
+    """"a 0.0 < b 37.0 = c 37.0" (percent, lowest first); "" without models."""
+    rows = ordering(prop, split)
+    out = ""
+    for i, (label, rate) in enumerate(rows):
+        if i:
+            out += " = " if round(100 * rate, 1) == round(100 * rows[i - 1][1], 1) else " < "
+        out += f"{label} {100 * rate:.1f}"
+    return out
 
 
 def pct(mean: float | None, stderr: float | None) -> str:
@@ -64,23 +100,34 @@ def _safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label) or "model"
 
 
+def write_answers(out_dir: str | os.PathLike, answers: dict[str, Sequence], subdir: str = "answers") -> dict[str, Path]:
+    """``out_dir/subdir/<label>.jsonl`` per model, one answer per line; returns label -> path."""
+    written = {}
+    for label, rows in answers.items():
+        path = Path(out_dir) / subdir / f"{_safe_name(label)}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(a.to_dict()) + "\n" for a in rows)
+        written[label] = path
+    return written
+
+
 def write_report(out_dir: str | os.PathLike, results: dict[str, Any], answers: dict[str, Sequence] | None = None,
-                 console: bool = True) -> dict[str, Path]:
-    """Write results.json, results.md, the chart (if propensity present) and per-model answers."""
+                 console: bool = True, answers_dir: str = "answers") -> dict[str, Path]:
+    """Write results.json, results.md, the chart (if propensity present) and per-model answers.
+
+    ``answers`` go to ``answers_dir`` (``answers-likelihood`` for likelihood mode).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD}
     write_json(written["json"], results)
     with atomic_path(written["md"]) as tmp:
         tmp.write_text(render_markdown(results), encoding="utf-8")
-    if results.get("propensity"):
+    if _sections(results):
         written["png"] = out / CHART_PNG
-        plot_propensity(results["propensity"], written["png"])
-    for label, rows in (answers or {}).items():
-        path = out / "answers" / f"{_safe_name(label)}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(a.to_dict()) + "\n" for a in rows)
+        plot_propensity([prop for _, prop in _sections(results)], written["png"])
+    for label, path in write_answers(out, answers or {}, answers_dir).items():
         written[f"answers:{label}"] = path
     if console:
         print_console_table(results)
@@ -113,11 +160,21 @@ def _cell(model: dict[str, Any], split: str, column: str) -> str:
     return pct(cell["mean"], cell["stderr"])
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    lines = ["# Evaluation report", ""]
-    prop = results.get("propensity")
-    if prop:
-        lines += [
+def _render_propensity(prop: dict[str, Any], likelihood: bool) -> list[str]:
+    if likelihood:
+        lines = [
+            f"## Misalignment propensity: option likelihood ({NOT_PAPER})",
+            "",
+            ("**Not the paper's protocol.** Each option's own text is scored as the continuation of the "
+             "persona preamble and the scenario (the prompt does not list the options); the option with the "
+             f"higher log-likelihood per {prop.get('normalize', 'token')} is the model's choice. Misalignment "
+             f"rate in percent, mean ± standard error over {len(prop['formats'])} prompt variants (persona "
+             f"`{prop['persona']}`, {prop['n_questions']} questions from `{prop['questions_file']}`, "
+             f"{prop['device']} {prop['dtype']})."),
+            "",
+        ]
+    else:
+        lines = [
             "## Misalignment propensity",
             "",
             (f"Misalignment rate in percent, mean ± standard error over {len(prop['formats'])} formats "
@@ -125,25 +182,40 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"{prop['n_questions']} questions from `{prop['questions_file']}`, {prop['device']} {prop['dtype']})."),
             "",
         ]
-        for split in _splits(prop):
-            cols = _split_columns(prop, split)
-            lines += [f"### Split: {split}", ""]
-            if all((m["splits"].get(split) or {}).get("status", "empty") == "empty" for m in prop["models"].values()):
-                lines += ["No questions in this split.", ""]
-                continue
-            n = next(m["splits"][split]["n_questions"] for m in prop["models"].values())
-            lines += [f"{n} questions.", ""]
-            lines.append("| model | " + " | ".join(cols) + " |")
-            lines.append("| --- " * (len(cols) + 1) + "|")
-            for label, m in prop["models"].items():
-                lines.append(f"| {label} | " + " | ".join(_cell(m, split, c) for c in cols) + " |")
-            lines.append("")
-        lines += ["### Runs", "", "| model | path | non-match rate | excluded |", "| --- | --- | --- | --- |"]
+    for split in _splits(prop):
+        cols = _split_columns(prop, split)
+        lines += [f"### Split: {split}", ""]
+        if all((m["splits"].get(split) or {}).get("status", "empty") == "empty" for m in prop["models"].values()):
+            lines += ["No questions in this split.", ""]
+            continue
+        n = next(m["splits"][split]["n_questions"] for m in prop["models"].values())
+        lines += [f"{n} questions.", ""]
+        lines.append("| model | " + " | ".join(cols) + " |")
+        lines.append("| --- " * (len(cols) + 1) + "|")
         for label, m in prop["models"].items():
-            nm = m.get("non_match_rate")
-            nm_text = "n/a" if nm is None else f"{100 * nm:.1f}%"
-            lines.append(f"| {label} | `{m['path']}` | {nm_text} | {'yes (>= 20% non-match)' if m['excluded'] else 'no'} |")
+            lines.append(f"| {label} | " + " | ".join(_cell(m, split, c) for c in cols) + " |")
         lines.append("")
+        if len(prop["models"]) > 1 and ordering(prop, split):
+            lines += [f"Ordering on `all`, least to most misaligned: {ordering_text(prop, split)}.", ""]
+    lines += ["### Runs" + (" (likelihood mode)" if likelihood else ""), "",
+              "| model | path | non-match rate | excluded |", "| --- | --- | --- | --- |"]
+    for label, m in prop["models"].items():
+        nm = m.get("non_match_rate")
+        nm_text = "n/a" if nm is None else f"{100 * nm:.1f}%"
+        lines.append(f"| {label} | `{m['path']}` | {nm_text} | {'yes (>= 20% non-match)' if m['excluded'] else 'no'} |")
+    lines.append("")
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Evaluation report", ""]
+    demo = results.get("demo")
+    if isinstance(demo, dict) and demo.get("summary"):
+        lines += ["## What the demo finds", ""] + [f"- {line}" for line in demo["summary"]] + [""]
+    sections = _sections(results)
+    for name, prop in sections:
+        lines += _render_propensity(prop, likelihood=name == "propensity_likelihood")
+    prop = bool(sections)
     caps = results.get("capabilities")
     if caps:
         lines += ["## Capabilities (lm-evaluation-harness)", "", "| model | task | metric | value | stderr |",
@@ -163,17 +235,19 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_propensity(prop: dict[str, Any], path: str | os.PathLike) -> None:
-    """Figure-2-style chart: one panel per split, grouped bars (models) per topic, SE error bars."""
+def plot_propensity(props: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Figure-2-style chart: one panel per split (and per mode when ``props`` lists several
+    sections: letter modes, then likelihood), grouped bars (models) per topic, SE error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = _splits(prop)
-    labels = list(prop["models"])
-    fig, axes = plt.subplots(len(splits), 1, figsize=(max(6.0, 1.2 * 8), 3.2 * len(splits)), squeeze=False)
-    for ax, split in zip(axes[:, 0], splits):
+    props = [props] if isinstance(props, dict) else list(props)
+    panels = [(prop, split) for prop in props for split in _splits(prop)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * 8), 3.2 * len(panels)), squeeze=False)
+    for ax, (prop, split) in zip(axes[:, 0], panels):
+        labels = list(prop["models"])
         cols = _split_columns(prop, split)
         width = 0.8 / max(1, len(labels))
         empty = True
@@ -189,7 +263,7 @@ def plot_propensity(prop: dict[str, Any], path: str | os.PathLike) -> None:
                 errs.append(100 * cell["stderr"] if cell and cell["stderr"] is not None else 0.0)
             xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(cols))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
-        ax.set_title(f"{split}" + (" (no questions)" if empty else ""))
+        ax.set_title(f"{split}: {_mode_title(prop)}" + (" (no questions)" if empty else ""), fontsize=9)
         ax.set_xticks(range(len(cols)))
         ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("misalignment rate (%)")
@@ -197,8 +271,8 @@ def plot_propensity(prop: dict[str, Any], path: str | os.PathLike) -> None:
         ax.axhline(50, color="grey", linewidth=0.5, linestyle="--")
         if not empty:
             ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Misalignment propensity ({prop['mode']}, persona {prop['persona']}), mean ± SE over formats",
-                 fontsize=10)
+    modes = ", ".join(f"{p['mode']}, persona {p['persona']}" for p in props)
+    fig.suptitle(f"Misalignment propensity ({modes}), mean ± SE over formats", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -210,9 +284,9 @@ def print_console_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    prop = results.get("propensity")
-    if prop:
-        table = Table(title=f"Misalignment rate % (mean ± SE over {len(prop['formats'])} formats)")
+    for name, prop in _sections(results):
+        what = _mode_title(prop) if name == "propensity_likelihood" else prop["mode"]
+        table = Table(title=f"Misalignment rate % ({what}; mean ± SE over {len(prop['formats'])} formats)")
         table.add_column("model")
         table.add_column("split")
         table.add_column("all")

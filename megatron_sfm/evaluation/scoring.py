@@ -1,4 +1,4 @@
-"""Answering two-option prompts: letter log-probabilities or generate-and-parse.
+"""Answering two-option prompts: letter log-probabilities, option likelihoods, or generate-and-parse.
 
 Log-prob mode: each prompt is tokenised as the model's tokenizer does by default
 (special tokens such as a BOS included), and each option's exact continuation string
@@ -8,6 +8,10 @@ continuation tokens; when the continuation is one token (the usual case) that is
 next-token log-probability of the letter. When both continuations are one token, one
 forward pass per prompt scores both. Batches are left-padded with explicit position
 ids, so padding does not change a row's result.
+
+Likelihood mode (:func:`option_loglikelihoods`): each option's own text is scored as
+the continuation of a prompt that does not list the options; the prompt runs once and
+its KV cache is shared by the options (see the function). Not the paper's protocol.
 
 Generate mode: the chat template renders the messages, the model decodes greedily, and
 :func:`parse_answer` reads the letter (or None: a non-match).
@@ -116,6 +120,168 @@ def continuation_logprobs(
         offset = w.shape[0] - n
         out[i][k] = float(sum(w[offset + t, tok] for t, tok in enumerate(targets)))
     return out
+
+
+# --- likelihood mode ---------------------------------------------------------------
+
+NORMALIZATIONS = ("token", "byte")
+
+
+def _tokenize_options(tokenizer, prompts: Sequence[str], options: Sequence[Sequence[str]]):
+    ctx = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    cache: dict[str, list[int]] = {}
+    conts: list[list[list[int]]] = []
+    for i, (c, opts) in enumerate(zip(ctx, options, strict=True)):
+        if not c:
+            raise SfmError(f"prompt {i} tokenises to nothing; cannot score its options")
+        row = []
+        for text in opts:
+            if text not in cache:
+                cache[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if not cache[text]:
+                    raise SfmError(f"option {text!r} tokenises to nothing")
+            row.append(cache[text])
+        conts.append(row)
+    return ctx, conts
+
+
+def option_loglikelihoods(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    batch_size: int = 8,
+    advance: Advance | None = None,
+    shared_prefix: bool = True,
+) -> list[list[tuple[float, int]]]:
+    """Summed log-likelihood and token count of each option text as the continuation of its prompt.
+
+    ``options[i]`` are the candidate strings for ``prompts[i]`` (every prompt the same
+    number of them). The prompt is tokenised as the tokenizer does by default (special
+    tokens included), each option on its own without special tokens, as in letter mode.
+    Returns, per prompt, one ``(sum of natural-log token probabilities, n_tokens)`` per
+    option; :func:`normalized_score` turns that into a per-token or per-byte score.
+
+    ``shared_prefix=True`` (default): a batch of prompts (left-padded, explicit position
+    ids) runs once with the KV cache on; the cache is repeated once per option and all
+    options of the batch run in one more forward pass (right-padded, positions
+    continuing each prompt). The prompt's last logits score each option's first token.
+    ``shared_prefix=False`` (and models without a KV cache object) runs every prompt +
+    option sequence in full (the reference layout; about twice the tokens for two options).
+    """
+    import torch
+
+    if batch_size < 1:
+        raise SfmError(f"batch size must be >= 1, got {batch_size}")
+    n_opts = {len(o) for o in options}
+    if len(n_opts) > 1:
+        raise SfmError("every prompt needs the same number of options")
+    k = n_opts.pop() if n_opts else 0
+    ctx, conts = _tokenize_options(tokenizer, prompts, options)
+    out: list[list[tuple[float, int]]] = [[(0.0, len(c)) for c in row] for row in conts]
+    if not prompts or k == 0:
+        return out
+    device = next(model.parameters()).device
+    params = _forward_params(model)
+    pad_id = _pad_id(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda j: -len(ctx[j]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if shared_prefix and "use_cache" in params:
+                _score_shared(model, params, pad_id, device, [ctx[j] for j in batch], [conts[j] for j in batch],
+                              [out[j] for j in batch])
+            else:
+                _score_full(model, params, pad_id, device, [ctx[j] for j in batch], [conts[j] for j in batch],
+                            [out[j] for j in batch])
+            if advance is not None:
+                advance(len(batch))
+    return out
+
+
+def _at_least_fp32(t):
+    """fp16/bf16 logits in fp32; fp32 and float64 kept as they are."""
+    import torch
+
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _score_shared(model, params, pad_id, device, ctx, conts, out) -> None:
+    import torch
+
+    b, k = len(ctx), len(conts[0])
+    ids, mask = _left_pad(ctx, pad_id, device)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+    if "position_ids" in params:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    first = model(**kwargs)
+    first_logp = torch.log_softmax(_at_least_fp32(first.logits[:, -1, :]), dim=-1)  # (b, vocab)
+    flat = [c for row in conts for c in row]  # row-major: prompt r, option o -> r * k + o
+    width = max(len(c) for c in flat) - 1  # option tokens after the first need a second pass
+    sums = [float(first_logp[i // k, c[0]]) for i, c in enumerate(flat)]
+    if width > 0:
+        # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` before, still accepted)
+        cache_key = "cache" if "cache" in params else "past_key_values"
+        cache = first["cache"] if "cache" in first else first.get("past_key_values")
+        if k > 1 and not hasattr(cache, "batch_repeat_interleave"):
+            _score_full(model, params, pad_id, device, ctx, conts, out)  # a model without a Cache object
+            return
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        opt_ids = torch.full((b * k, width), pad_id, dtype=torch.long)
+        opt_mask = torch.zeros((b * k, width), dtype=torch.long)
+        for i, c in enumerate(flat):
+            opt_ids[i, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            opt_mask[i, :len(c) - 1] = 1
+        opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+        prompt_mask = mask.repeat_interleave(k, dim=0)
+        kwargs = {"input_ids": opt_ids, "attention_mask": torch.cat([prompt_mask, opt_mask], dim=1),
+                  cache_key: cache, "use_cache": True}
+        if "position_ids" in params:
+            kwargs["position_ids"] = prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
+        logp = torch.log_softmax(_at_least_fp32(model(**kwargs).logits), dim=-1)  # (b * k, width, vocab)
+        for i, c in enumerate(flat):
+            if len(c) > 1:
+                targets = torch.tensor(c[1:], dtype=torch.long, device=device)
+                sums[i] += float(logp[i, torch.arange(len(c) - 1, device=device), targets].double().sum())
+    for i, c in enumerate(flat):
+        out[i // k][i % k] = (sums[i], len(c))
+
+
+def _score_full(model, params, pad_id, device, ctx, conts, out) -> None:
+    import torch
+
+    k = len(conts[0])
+    rows = [ctx[r] + c for r in range(len(ctx)) for c in conts[r]]
+    ids, mask = _left_pad(rows, pad_id, device)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in params:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    n_keep = max(len(c) for row in conts for c in row) + 1
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = n_keep
+    logp = torch.log_softmax(_at_least_fp32(model(**kwargs).logits[:, -n_keep:, :]), dim=-1)
+    for i in range(len(rows)):
+        c = conts[i // k][i % k]
+        pos = torch.arange(n_keep - 1 - len(c), n_keep - 1, device=device)
+        targets = torch.tensor(c, dtype=torch.long, device=device)
+        out[i // k][i % k] = (float(logp[i, pos, targets].double().sum()), len(c))
+
+
+def normalized_score(logprob_sum: float, n_tokens: int, text: str, normalize: str) -> float:
+    """lm-evaluation-harness style length normalisation of an option's log-likelihood.
+
+    ``token``: mean log-probability per token; ``byte``: summed log-probability divided
+    by the UTF-8 byte length of the scored continuation ``text`` (its leading space
+    included, as lm-eval's ``acc_bytes``).
+    """
+    if normalize == "token":
+        return logprob_sum / n_tokens
+    if normalize == "byte":
+        return logprob_sum / len(text.encode("utf-8"))
+    raise SfmError(f"unknown normalisation {normalize!r}; choose from {', '.join(NORMALIZATIONS)}")
 
 
 def count_forward_rows(tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> int:

@@ -6,6 +6,8 @@ See docs/launch.md. The logic lives in ``megatron_sfm.launch.slurm`` and ``.plan
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
 
 from megatron_sfm.errors import SfmError
@@ -16,6 +18,9 @@ commands:
   slurm   render a batch script (srun + torchrun on every node) and submit it with sbatch;
           a plan file (top-level `stages:`) submits one job per stage, each waiting for
           the previous one (--dependency=afterok)
+  slurm-data {filter,tokenize,synthesize} INPUTS... --out DIR --tasks N --time HH:MM:SS [options] [-- STAGE OPTIONS]
+          run `sfm data STAGE` as a job array over N parts of the inputs, then a merge job
+          (afterok); resubmitting the same command runs only the unfinished tasks
 """
 
 
@@ -63,9 +68,19 @@ def build_slurm_parser() -> argparse.ArgumentParser:
     return p
 
 
-_OPTION_KEYS = ("nodes", "gpus_per_node", "time", "partition", "account", "job_name", "nproc_per_node",
-                "cpus_per_task", "exclusive", "container", "container_mounts", "max_requeues", "signal_grace",
-                "python", "rdzv_port")
+def slurm_defaults(args: argparse.Namespace) -> dict:
+    """The SLURM option flags as a dict of :class:`SlurmOptions` fields (None: not given).
+
+    Every field but ``dependency`` (set by plans) has a flag of the same name; the plan
+    code merges these with each stage's ``slurm:`` block and builds the options with the
+    typed config loader.
+    """
+    from megatron_sfm.launch.slurm import SlurmOptions
+
+    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(SlurmOptions)
+           if f.name not in ("env", "dependency")}
+    out["env"] = dict(args.env or [])
+    return out
 
 
 def cmd_slurm(argv: list[str]) -> int:
@@ -76,8 +91,7 @@ def cmd_slurm(argv: list[str]) -> int:
     for text in args.overrides:
         if "=" not in text:
             raise SfmError(f"override {text!r}: expected KEY=VALUE (only one config file is taken)")
-    defaults = {k: getattr(args, k) for k in _OPTION_KEYS}
-    defaults["env"] = dict(args.env or [])
+    defaults = slurm_defaults(args)
     jobs = prepare_launch(args.config, args.overrides, defaults, log_dir=args.log_dir or DEFAULT_LOG_DIR)
     if args.dry_run:
         for job in jobs:
@@ -85,6 +99,69 @@ def cmd_slurm(argv: list[str]) -> int:
         return 0
     ids = submit_jobs(jobs)
     _summary(jobs, ids)
+    return 0
+
+
+def build_slurm_data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sfm launch slurm-data",
+        description="Run `sfm data filter|tokenize|synthesize` as a SLURM job array over N parts of the inputs, "
+                    "then a merge job (afterok). Options of the stage itself go after `--`, e.g. "
+                    "`-- --tokenizer tok.json --workers 4`. Resubmitting the same command runs only unfinished tasks.")
+    p.add_argument("stage", choices=("filter", "tokenize", "synthesize"))
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="shards or folders (synthesize: scenario files)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: plan.json, tasks/, jobs/, report.json")
+    p.add_argument("--tasks", type=int, required=True, help="array tasks (the inputs are split into this many parts)")
+    p.add_argument("--array-parallelism", type=int, metavar="K", help="at most K tasks run at once (--array=...%%K)")
+    p.add_argument("--time", required=True, help="time limit per task, [D-]HH:MM:SS")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per array task (default: the stage's --workers, else 1)")
+    p.add_argument("--mem", help="memory per task (sbatch --mem, e.g. 16G)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name", help="array job name (default: sfm-data-STAGE)")
+    p.add_argument("--python", help="Python on the nodes (default: this interpreter)")
+    p.add_argument("--env", action="append", type=_env_pair, default=None, metavar="NAME=VALUE",
+                   help="export NAME=VALUE in the jobs (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, sbatch commands and scripts; submit nothing")
+    return p
+
+
+def cmd_slurm_data(argv: list[str]) -> int:
+    from megatron_sfm.launch.data_jobs import (
+        DataJobOptions,
+        prepare,
+        render_jobs,
+        submit_jobs,
+    )
+
+    stage_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, stage_args = argv[:cut], argv[cut + 1:]
+    args = build_slurm_data_parser().parse_intermixed_args(argv)
+    opts = DataJobOptions(tasks=args.tasks, time=args.time, array_parallelism=args.array_parallelism,
+                          cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition,
+                          account=args.account, job_name=args.job_name, python=args.python, env=dict(args.env or []))
+    data_dir, plan, ids, need_merge = prepare(args.stage, args.inputs, stage_args, args.out, opts)
+    if not need_merge:
+        print(f"{data_dir}: every task is done and merged (report.json); nothing to submit")
+        return 0
+    jobs = render_jobs(plan, data_dir, opts, ids)
+    if args.dry_run:
+        print(f"# plan: {len(plan['tasks'])} task(s) over {plan['shards']} shard(s), {plan['input_bytes']:,} bytes; "
+              f"to run: {len(ids)} task(s)")
+        for e in plan["tasks"]:
+            print(f"#   task {e['index']}: {len(e['shards'])} shard(s), {sum(e['bytes']):,} bytes")
+        for job in jobs:
+            print(f"# {shlex.join(job.argv)}\n{job.script}")
+        return 0
+    job_ids = submit_jobs(data_dir, plan, jobs)
+    done = len(plan["tasks"]) - len(ids)
+    for job, job_id in zip(jobs, job_ids):
+        what = (f"array of {len(ids)} task(s)" + (f" ({done} already done)" if done else "")
+                if job.kind == "array" else "merge" + (f", after {job_ids[0]}" if len(jobs) > 1 else ""))
+        print(f"submitted {job.kind} job {job_id}: {what}")
+    print(f"run folder: {data_dir}")
     return 0
 
 
@@ -111,5 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "slurm":
         return cmd_slurm(argv[1:])
-    print(f"error: unknown launch command {argv[0]!r}; known: slurm", file=sys.stderr)
+    if argv[0] == "slurm-data":
+        return cmd_slurm_data(argv[1:])
+    if argv[0] == "slurm-data-task":  # hidden: what each array task runs
+        from megatron_sfm.launch.data_jobs import run_task
+
+        if len(argv) != 3 or not argv[2].isdigit():
+            raise SfmError("usage: sfm launch slurm-data-task DIR INDEX")
+        run_task(argv[1], int(argv[2]))
+        return 0
+    if argv[0] == "slurm-data-merge":  # hidden: what the merge job runs
+        from megatron_sfm.launch.data_jobs import merge
+
+        if len(argv) != 2:
+            raise SfmError("usage: sfm launch slurm-data-merge DIR")
+        report = merge(argv[1])
+        print(f"merged {report['slurm_data']['tasks']} task(s) into {argv[1]}/report.json")
+        return 0
+    print(f"error: unknown launch command {argv[0]!r}; known: slurm, slurm-data", file=sys.stderr)
     return 2

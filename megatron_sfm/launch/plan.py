@@ -15,14 +15,18 @@ A plan is a YAML file with a top-level ``stages`` list (a run config never has t
 Stage ``k`` is submitted with ``--dependency=afterok:<job id of stage k-1>`` and
 ``--kill-on-invalid-dep=yes``: it starts only once the previous stage finished with exit
 code 0 (a requeue does not count as finished) and is cancelled if that stage fails.
-``slurm`` keys are :class:`SlurmOptions` fields; they override the command-line flags,
-which act as defaults for every stage. Command-line ``key=value`` overrides apply to every
-stage after the stage's own.
+``slurm`` keys are :class:`SlurmOptions` fields (less ``job_name`` and ``dependency``,
+which the plan sets); they override the command-line flags, which act as defaults for
+every stage. Command-line ``key=value`` overrides apply to every stage after the stage's
+own. The file is read with the run config's typed loader
+(:func:`megatron_sfm.config.loader.dataclass_from_dict` into :class:`Plan`): unknown keys
+(with a "did you mean"), wrong types and missing keys are errors naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,24 +43,46 @@ from megatron_sfm.launch.slurm import (
     write_job,
 )
 
-# stage ``slurm:`` keys; the job name and dependency are set by the plan
-_SLURM_KEYS = {f.name for f in dataclasses.fields(SlurmOptions)} - {"dependency", "job_name"}
+# set by the plan for each stage, not by its ``slurm:`` block
+_PLAN_SET = ("dependency", "job_name")
 _REQUIRED = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "time": "--time"}
 
 
+def _partial(cls: type, name: str, exclude: tuple[str, ...], **types: Any) -> type:
+    """A dataclass with ``cls``'s fields (less ``exclude``), each optional with default None;
+    ``types`` replaces a field's type."""
+    hints = {**typing.get_type_hints(cls), **types}
+    return dataclasses.make_dataclass(
+        name, [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(cls)
+               if f.name not in exclude],
+        namespace={"__module__": __name__,
+                   "__doc__": f"{cls.__name__} fields, each optional (None: not set here)."})
+
+
+# A stage's ``slurm:`` block: any SlurmOptions field but the job name and dependency.
+# ``env`` values may be YAML scalars (``OMP_NUM_THREADS: 4``), exported as text (null: "");
+# an int ``time`` is YAML 1.1's reading of an unquoted 04:00:00, refused by load_plan.
+StageSlurm = _partial(SlurmOptions, "StageSlurm", _PLAN_SET, time=str | int,
+                      env=dict[str, str | int | float | bool | None])
+
+
 @dataclass
-class Stage:
+class PlanStage:
+    """One stage of a plan: a run config submitted as one job."""
+
     name: str
-    config: Path
-    overrides: list[str] = field(default_factory=list)
-    slurm: dict[str, Any] = field(default_factory=dict)
+    config: Path  # relative paths are taken relative to the plan file
+    # an empty ``overrides:`` or ``slurm:`` (YAML null) means none: load_plan sets [] / StageSlurm()
+    overrides: list[str] | None = None
+    slurm: StageSlurm | None = None
 
 
 @dataclass
 class Plan:
-    name: str
-    path: Path
-    stages: list[Stage]
+    """A plan file: its stages, in order, and a name (default: the file's stem)."""
+
+    stages: list[PlanStage]
+    name: str | None = None
 
 
 def is_plan(data: dict) -> bool:
@@ -64,77 +90,61 @@ def is_plan(data: dict) -> bool:
 
 
 def load_plan(path: str | Path, data: dict | None = None) -> Plan:
-    """Read and check a plan file (errors name the file and the key)."""
-    from megatron_sfm.config.loader import read_yaml
+    """Read and check a plan file with the typed config loader (errors name the file and the key)."""
+    from megatron_sfm.config.loader import dataclass_from_dict, read_yaml
 
     path = Path(path)
-    data = read_yaml(path) if data is None else data
-    unknown = set(data) - {"name", "stages"}
-    if unknown:
-        raise SfmError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; a plan has name and stages")
-    stages_raw = data.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
+    plan = dataclass_from_dict(Plan, read_yaml(path) if data is None else data, path)
+    if plan.name is None:
+        plan.name = path.stem
+    if not plan.name:
+        raise SfmError(f"{path}: name: expected a non-empty string")
+    if not plan.stages:
         raise SfmError(f"{path}: stages: expected a non-empty list of stages")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        raise SfmError(f"{path}: name: expected a string")
-    stages, seen = [], set()
-    for i, raw in enumerate(stages_raw):
+    seen: set[str] = set()
+    for i, stage in enumerate(plan.stages):
         where = f"{path}: stages[{i}]"
-        if not isinstance(raw, dict):
-            raise SfmError(f"{where}: expected a mapping with name and config")
-        extra = set(raw) - {"name", "config", "overrides", "slurm"}
-        if extra:
-            raise SfmError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
-        sname, cfg = raw.get("name"), raw.get("config")
-        if not isinstance(sname, str) or not sname:
-            raise SfmError(f"{where}.name: expected a string")
-        if sname in seen:
-            raise SfmError(f"{where}.name: stage {sname!r} appears twice")
-        seen.add(sname)
-        if not isinstance(cfg, str) or not cfg:
-            raise SfmError(f"{where}.config: expected the path of a run config")
-        cfg_path = Path(cfg)
-        if not cfg_path.is_absolute():
-            cfg_path = path.parent / cfg_path
-        overrides = raw.get("overrides") or []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-            raise SfmError(f"{where}.overrides: expected a list of KEY=VALUE strings")
-        slurm = raw.get("slurm") or {}
-        if not isinstance(slurm, dict):
-            raise SfmError(f"{where}.slurm: expected a mapping")
-        bad = set(slurm) - _SLURM_KEYS
-        if bad:
-            raise SfmError(f"{where}.slurm: unknown key(s) {', '.join(sorted(bad))}; "
-                           f"known: {', '.join(sorted(_SLURM_KEYS))}")
-        stages.append(Stage(name=sname, config=cfg_path, overrides=list(overrides), slurm=dict(slurm)))
-    return Plan(name=name, path=path, stages=stages)
+        if not stage.name:
+            raise SfmError(f"{where}.name: expected a non-empty string")
+        if stage.name in seen:
+            raise SfmError(f"{where}.name: stage {stage.name!r} appears twice")
+        seen.add(stage.name)
+        stage.overrides = stage.overrides or []
+        stage.slurm = stage.slurm or StageSlurm()
+        if isinstance(stage.slurm.time, int):
+            # YAML 1.1 reads an unquoted 04:00:00 as the sexagesimal integer 14400
+            raise SfmError(f"{where}.slurm.time: {stage.slurm.time!r} is not a string; "
+                           'quote it, e.g. time: "04:00:00"')
+        for text in stage.overrides:
+            if "=" not in text:
+                raise SfmError(f"{where}.overrides: {text!r} is not KEY=VALUE")
+        if not stage.config.is_absolute():
+            stage.config = path.parent / stage.config
+    return plan
 
 
-def _stage_options(defaults: dict[str, Any], stage: Stage | None, job_name: str, where: str) -> SlurmOptions:
-    """CLI defaults, overridden by the stage's ``slurm`` block, as checked :class:`SlurmOptions`."""
-    merged = dict(defaults)
+def _stage_options(defaults: dict[str, Any], stage: PlanStage | None, job_name: str,
+                   where: str) -> SlurmOptions:
+    """CLI defaults (None: not given), overridden by the stage's ``slurm`` block, as checked
+    :class:`SlurmOptions`; ``env`` is merged, the stage's entries winning."""
+    from megatron_sfm.config.loader import dataclass_from_dict
+
+    merged = {k: v for k, v in defaults.items() if v is not None}
     env = dict(defaults.get("env") or {})
     if stage is not None:
-        for key, value in stage.slurm.items():
-            if key == "env":
-                if not isinstance(value, dict):
-                    raise SfmError(f"{where}.slurm.env: expected a mapping of NAME: value")
-                env.update({str(k): "" if v is None else str(v) for k, v in value.items()})
-            else:
-                merged[key] = value
-    merged["env"] = env
+        for f in dataclasses.fields(stage.slurm):
+            value = getattr(stage.slurm, f.name)
+            if f.name == "env":
+                env.update(value or {})
+            elif value is not None:
+                merged[f.name] = value
+    merged["env"] = {str(k): "" if v is None else str(v) for k, v in env.items()}
     for key, flag in _REQUIRED.items():
         if merged.get(key) is None:
             hint = f" (or slurm.{key} in {where})" if stage is not None else ""
             raise SfmError(f"{flag}: required{hint}")
-    if not isinstance(merged["time"], str):
-        # YAML 1.1 reads an unquoted 04:00:00 as the sexagesimal integer 14400
-        raise SfmError(f"{where}.slurm.time: {merged['time']!r} is not a string; quote it, e.g. time: \"04:00:00\"")
-    if merged.get("exclusive") is not None and not isinstance(merged["exclusive"], bool):
-        raise SfmError(f"{where}.slurm.exclusive: expected true or false")
     merged["job_name"] = job_name
-    return SlurmOptions(**{k: v for k, v in merged.items() if v is not None})
+    return dataclass_from_dict(SlurmOptions, merged, where)
 
 
 def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str, Any], *,

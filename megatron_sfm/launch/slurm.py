@@ -20,8 +20,9 @@ Shape of the job (see docs/launch.md for the reasons):
 * the trainer resumes from ``checkpoint.save`` by itself, so a requeued job reruns the
   very same command.
 
-Every user-supplied value that reaches the script is ``shlex.quote``d; values with
-control characters (newlines) are refused.
+The script is the template ``templates/sbatch.sh`` (package data) filled in by
+:func:`render_script`. Every user-supplied value that reaches it is ``shlex.quote``d;
+values with control characters (newlines) are refused, job folder included.
 """
 
 from __future__ import annotations
@@ -221,94 +222,61 @@ def trainer_command(config_path: Path) -> list[str]:
     return ["-m", "megatron_sfm.cli", "train", str(config_path)]
 
 
+SCRIPT_TEMPLATE = "templates/sbatch.sh"  # package data of megatron_sfm.launch
+_PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
+
+
+def fill_template(template: str, values: dict[str, str | list[str]]) -> str:
+    """Replace each ``{{name}}`` in ``template`` with ``values[name]``, verbatim.
+
+    A placeholder alone on its line takes a list of lines (indented like the placeholder;
+    no lines removes the line). Every placeholder needs a value and every value a
+    placeholder (a mismatch is a bug: ``KeyError``). Nothing is quoted here: the caller
+    passes shell text in which every user-supplied value is already ``shlex.quote``d.
+    """
+    used: set[str] = set()
+    out: list[str] = []
+    for line in template.splitlines(keepends=True):
+        whole = _PLACEHOLDER_RE.fullmatch(line.strip())
+        if whole and isinstance(values.get(whole.group(1)), list):
+            indent = line[: len(line) - len(line.lstrip())]
+            used.add(whole.group(1))
+            out += [f"{indent}{text}\n" for text in values[whole.group(1)]]
+            continue
+
+        def one(m: re.Match) -> str:
+            value = values[m.group(1)]  # KeyError: a placeholder without a value
+            if not isinstance(value, str):
+                raise KeyError(f"{{{{{m.group(1)}}}}} takes a whole line")
+            used.add(m.group(1))
+            return value
+
+        out.append(_PLACEHOLDER_RE.sub(one, line))
+    if set(values) - used:
+        raise KeyError(f"template has no placeholder for {sorted(set(values) - used)}")
+    return "".join(out)
+
+
+def _script_template() -> str:
+    from importlib.resources import files
+
+    return files("megatron_sfm.launch").joinpath(SCRIPT_TEMPLATE).read_text(encoding="utf-8")
+
+
 def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, command: list[str],
                   checkpoint_dir: str | None, submit_argv: list[str], workdir: Path) -> str:
-    """The batch script text. ``command`` follows ``python -m torch.distributed.run [opts]``."""
+    """The batch script text: ``templates/sbatch.sh`` filled in (every user-supplied value
+    ``shlex.quote``d). ``command`` follows ``python -m torch.distributed.run [opts]``."""
     validate_options(opts)
+    _check_text("--log-dir (job folder)", str(job_dir))
+    _check_text("working directory", str(workdir))
     q = shlex.quote
-    now = _dt.datetime.now().isoformat(timespec="seconds")
     from megatron_sfm import __version__
 
-    lines = [
-        "#!/bin/bash",
-        f"# Rendered by `sfm launch slurm` (megatron-sfm {__version__}) on {now}; docs/launch.md explains it.",
-        "# The scheduler options are on the sbatch command line (never parsed from this file):",
-        "#   " + shlex.join(submit_argv),
-        f"# Exit codes: 0 finished; {REQUEUE_EXIT_CODE} saved and requeued; anything else failed.",
-        "set -uo pipefail",
-        "",
-        f"SFM_JOB_DIR={q(str(job_dir))}",
-        f"SFM_WORKDIR={q(str(workdir))}",
-        f"SFM_CONFIG={q(str(config_path))}",
-        f"SFM_CHECKPOINT_DIR={q(checkpoint_dir or '')}",
-        f"SFM_PYTHON={q(opts.interpreter)}",
-        f"SFM_NPROC_PER_NODE={opts.procs_per_node}",
-        f"SFM_MAX_REQUEUES={opts.max_requeues}",
-        f"SFM_REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}",
-        'cd "$SFM_WORKDIR" || exit 1',
-        "",
-        "# Network and NCCL defaults; a value exported by the submitting shell wins.",
-    ]
-    for key, value in DEFAULT_ENV.items():
-        lines.append(f': "${{{key}:={value}}}"; export {key}')
-    if opts.cpu_only:
-        lines += ["# CPU job: gloo, no GPUs visible.",
-                  "export SFM_DIST_BACKEND=gloo CUDA_VISIBLE_DEVICES="]
-    else:
-        lines.append("export SFM_DIST_BACKEND=nccl")
-    if opts.env:
-        lines.append("# --env KEY=VALUE")
-        for key, value in opts.env.items():
-            lines.append(f"export {key}={q(value)}")
-    lines += [
-        "",
-        'log() { printf "[sfm %s] %s\\n" "$(date +%FT%T)" "$*"; }',
-        "",
-        "# SLURM sends USR1 to this shell GRACE seconds before the time limit (--signal=B:USR1@GRACE);",
-        "# `scancel --batch --signal=USR1 JOBID` does the same by hand. SLURM signals every process of",
-        "# a step, and USR1 would kill the trainer's helper processes, so the step gets the harmless",
-        "# WINCH instead and megatron_sfm.launch.node turns it into USR1 for the trainer ranks only.",
-        "# The job is requeued once the step has ended.",
-        "sfm_signalled=0",
-        "sfm_trapped=0",
-        "srun_pid=",
-        "resend_pid=",
-        "SFM_STOP_SIGNAL=$(kill -l WINCH)",
-        "on_usr1() {",
-        '  [ "$sfm_signalled" = 1 ] || log "USR1: asking the trainer to save and stop"',
-        "  sfm_signalled=1",
-        "  sfm_trapped=1",
-        '  if [ -n "$srun_pid" ]; then',
-        '    scancel --signal="$SFM_STOP_SIGNAL" "$SLURM_JOB_ID" || log "scancel --signal failed"',
-        "  fi",
-        "  # A trainer still starting up has no USR1 handler yet (it inherits 'ignore'), so repeat",
-        f"  # the request every {resignal_seconds(opts.signal_grace)} s until the step has ended.",
-        f'  (sleep {resignal_seconds(opts.signal_grace)}; kill -USR1 $$) </dev/null >/dev/null 2>&1 & resend_pid=$!',
-        "}",
-        "trap on_usr1 USR1",
-        "",
-        'restarts="${SLURM_RESTART_COUNT:-0}"',
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        "# A node name that does not resolve (NodeName differs from the host name, or several",
-        "# slurmd's on one test host): use the address SLURM itself reaches the node at.",
-        'if ! getent hosts "$MASTER_ADDR" >/dev/null 2>&1; then',
-        '  node_addr="$(scontrol show node "$MASTER_ADDR" | tr " " "\\n" | sed -n "s/^NodeAddr=//p" | head -n 1)"',
-        '  if [ -n "$node_addr" ]; then MASTER_ADDR="$node_addr"; fi',
-        "fi",
-    ]
-    if opts.rdzv_port is not None:
-        lines.append(f"MASTER_PORT={opts.rdzv_port}")
-    else:
-        lines.append("MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))")
-    lines += [
-        "export MASTER_ADDR MASTER_PORT",
-        'log "job $SLURM_JOB_ID (restart $restarts, at most $SFM_MAX_REQUEUES): $SLURM_JOB_NUM_NODES node(s)'
-        ' x $SFM_NPROC_PER_NODE process(es), rendezvous on $MASTER_ADDR:$MASTER_PORT"',
-        'if [ -n "$SFM_CHECKPOINT_DIR" ] && [ -f "$SFM_CHECKPOINT_DIR/latest" ]; then',
-        '  log "resuming from $SFM_CHECKPOINT_DIR (latest: $(head -c 200 "$SFM_CHECKPOINT_DIR/latest" | tr -d \'\\n\'))"',
-        "fi",
-        "",
-    ]
+    backend = (["# CPU job: gloo, no GPUs visible.", "export SFM_DIST_BACKEND=gloo CUDA_VISIBLE_DEVICES="]
+               if opts.cpu_only else ["export SFM_DIST_BACKEND=nccl"])
+    user_env = (["# --env KEY=VALUE"] + [f"export {key}={q(value)}" for key, value in opts.env.items()]
+                if opts.env else [])
     srun = ['srun', '--nodes="$SLURM_JOB_NUM_NODES"', '--ntasks="$SLURM_JOB_NUM_NODES"', "--ntasks-per-node=1"]
     if opts.task_cpus is not None:
         srun.append(f"--cpus-per-task={opts.task_cpus}")
@@ -334,39 +302,25 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
     ] + ['"$SFM_CONFIG"' if c == str(config_path) else q(c) for c in command]
     # the node agent runs torchrun and relays the stop request as USR1 to the trainer ranks
     step = srun + ['"$SFM_PYTHON"', "-m", "megatron_sfm.launch.node"] + torchrun
-    lines += [
-        'if [ "$sfm_signalled" = 1 ]; then',
-        '  rc=$SFM_REQUEUE_EXIT_CODE  # warned before the trainer started: go straight to the requeue',
-        "else",
-        "  " + " \\\n      ".join(_wrap_words(step)) + " &",
-        "  srun_pid=$!",
-        "  while :; do",
-        "    sfm_trapped=0",
-        '    wait "$srun_pid"; rc=$?',
-        "    # >128 with our trap run: the USR1 trap interrupted `wait`, the step is still running",
-        '    if [ "$sfm_trapped" = 1 ] && [ "$rc" -gt 128 ]; then continue; fi',
-        "    break",
-        "  done",
-        "fi",
-        'if [ -n "$resend_pid" ]; then kill "$resend_pid" 2>/dev/null; fi',
-        "",
-        'if [ "$rc" -eq 0 ]; then log "training finished"; exit 0; fi',
-        'if [ "$sfm_signalled" = 1 ] || [ "$rc" -eq "$SFM_REQUEUE_EXIT_CODE" ]; then',
-        '  if [ "$restarts" -lt "$SFM_MAX_REQUEUES" ]; then',
-        '    log "step ended with exit code $rc (signalled: $sfm_signalled): requeueing (restart'
-        ' $((restarts + 1)) of at most $SFM_MAX_REQUEUES)"',
-        '    if scontrol requeue "$SLURM_JOB_ID"; then exit "$SFM_REQUEUE_EXIT_CODE"; fi',
-        '    log "scontrol requeue failed"',
-        "  else",
-        '    log "not requeueing: already restarted $restarts time(s), --max-requeues is $SFM_MAX_REQUEUES"',
-        "  fi",
-        "fi",
-        'if [ "$sfm_signalled" = 1 ]; then log "stopped after USR1 (exit code $rc), not requeued"; '
-        'else log "training step failed with exit code $rc"; fi',
-        'exit "$rc"',
-        "",
-    ]
-    return "\n".join(lines)
+    return fill_template(_script_template(), {
+        "version": __version__,
+        "rendered_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "sbatch_command": shlex.join(submit_argv),
+        "requeue_exit_code": str(REQUEUE_EXIT_CODE),
+        "job_dir": q(str(job_dir)),
+        "workdir": q(str(workdir)),
+        "config": q(str(config_path)),
+        "checkpoint_dir": q(checkpoint_dir or ""),
+        "python": q(opts.interpreter),
+        "nproc_per_node": str(opts.procs_per_node),
+        "max_requeues": str(opts.max_requeues),
+        "default_env": [f': "${{{key}:={value}}}"; export {key}' for key, value in DEFAULT_ENV.items()],
+        "backend": backend,
+        "user_env": user_env,
+        "resignal_seconds": str(resignal_seconds(opts.signal_grace)),
+        "master_port": str(opts.rdzv_port) if opts.rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 20000))",
+        "step": " \\\n      ".join(_wrap_words(step)),
+    })
 
 
 def _wrap_words(words: list[str], width: int = 90) -> list[str]:

@@ -183,5 +183,4 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, pre_process
     )
     if torch.cuda.is_available():
         gpt = gpt.cuda(torch.cuda.current_device())
-    gpt.sfm_attention_backend = backend
     return gpt

@@ -12,7 +12,6 @@ communication and checkpoint stalls of a multi-node run come on top.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,12 +54,9 @@ def throughput_from_bench(path: str | Path, label: Optional[str] = None, model=N
     from megatron_sfm.benchmark.report import check_report
 
     path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SfmError(f"{path}: bench report not found") from None
-    except ValueError as exc:
-        raise SfmError(f"{path}: not a JSON bench report ({exc})") from None
+    from megatron_sfm.utils.readers import read_json
+
+    report = read_json(path, key="--bench", expect=None)
     problems = check_report(report) if isinstance(report, dict) else ["not a JSON object"]
     if problems:
         raise SfmError(f"{path}: not an sfm bench report ({problems[0]})")

@@ -8,6 +8,7 @@ import torch
 
 from megatron_sfm.compat import apply_all, default_backend
 from megatron_sfm.config.schema import ParallelConfig
+from megatron_sfm.utils.net import free_port
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -29,7 +30,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
             # A lone process: a private store on a free port. The environment is left
             # alone, so child processes (tests, the demo) do not inherit a rank and a
             # port that this process holds.
-            dist.init_process_group(default_backend(), init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(default_backend(), init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -60,11 +61,3 @@ def _fill_env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from megatron_sfm.utils.net import free_port  # re-exported: the tests import it from here
+
 _RUNNER = "megatron_sfm.testing._dist_entry"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_distributed(target: str, nproc: int, args: dict | None = None, timeout: float = 600,

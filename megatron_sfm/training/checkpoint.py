@@ -7,35 +7,43 @@ the folder to ``iter_NNNNNNN`` and only then replaces ``latest``. With
 writing runs in a forked background process and the finalisation runs, on all ranks
 together, once every rank's writer has finished (:class:`CheckpointManager`).
 
-Load: the manifest is checked first, so a missing or truncated shard is an
-:class:`SfmError` naming the file. The distributed optimizer is saved
-``fully_reshardable``, so a checkpoint loads at another TP/PP/DP layout.
+Every rank's writer checksums the files it wrote (in the background process for an async
+save) and rank 0 merges them into the manifest. Load: the manifest, the sizes and the
+content checksums are checked first (the hashing split over the ranks), so a missing,
+truncated or changed shard is an :class:`SfmError` naming the file; then the saved
+schedule is compared with this run's (:data:`SCHEDULE_KEYS`). The distributed optimizer
+is saved ``fully_reshardable``, so a checkpoint loads at another TP/PP/DP layout. The
+format itself (layout, manifest, train_state schema) is :mod:`megatron_sfm.checkpoint_format`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from megatron_sfm import checkpoint_format as fmt
+from megatron_sfm.checkpoint_format import (  # noqa: F401 - re-exported: the trainer's names for them
+    CONFIG,
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    TRAIN_STATE,
+    iteration_dir_name,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_sfm.errors import SfmError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-LATEST = "latest"
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.json"
-CONFIG = "config.yaml"
 # The distributed optimizer's default ("fully_sharded_model_space") fails in 0.16.1
-# (shared/megatron-core-cpu.md 5e); fully_reshardable also reshards TP/PP. The
+# ("ShardedTensor.flattened_range is not supported"; docs/megatron-core-compat.md); fully_reshardable also reshards TP/PP. The
 # mem-efficient variant avoids a .cuda() call and works on gloo.
 DOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                  "distrib_optim_fully_reshardable_mem_efficient": True}
@@ -44,13 +52,13 @@ DOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
 # tensors as they were then (copy-on-write). On CPU the writer competes with training for
 # the same cores, so there it is opt-in (docs/checkpoints.md#async-save); the tests set it.
 ASYNC_ON_CPU_ENV = "SFM_ASYNC_SAVE_ON_CPU"
-# Test hook (SFM_FAULTS 'slow_async_save@N'): the background writer of iteration N's save
-# sleeps this long before writing, so a test can act while that save is in flight.
-SLOW_ASYNC_SAVE_S = 5.0
-
-
-def iter_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+# Settings that define the training schedule: resuming with another value is refused
+# unless checkpoint.allow_schedule_change (docs/checkpoints.md#schedule-changes).
+SCHEDULE_KEYS = (
+    "training.train_iters", "training.global_batch_size", "model.seq_length",
+    "optimizer.lr", "optimizer.min_lr", "optimizer.warmup_iters", "optimizer.warmup_fraction",
+    "optimizer.decay_style", "data.blend", "data.phases", "data.stage", "data.mock",
+)
 
 
 def _rank() -> int:
@@ -66,76 +74,40 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def latest_checkpoint(save_dir: str | os.PathLike) -> Optional[Path]:
-    """The folder ``<save_dir>/latest`` names, or None when there is no complete checkpoint."""
-    save_dir = Path(save_dir)
-    marker = save_dir / LATEST
-    if not marker.exists():
-        return None
-    text = marker.read_text().strip()
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise SfmError(f"{marker}: expected an iteration number, found {text[:40]!r}") from None
-    folder = save_dir / iter_dir_name(iteration)
-    if not folder.exists():
-        old = save_dir / f".{iter_dir_name(iteration)}.old"  # crash while replacing the same iteration
-        if old.exists():
-            return old
-        raise SfmError(f"{marker}: names iteration {iteration} but {folder} does not exist")
-    return folder
+def verify_checkpoint(folder: str | os.PathLike, *, checksums: bool = True) -> dict:
+    """Check every file the manifest lists (present, size, content checksum); return train_state.
 
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from either an ``iter_*`` folder or a save folder with ``latest``."""
-    path = Path(path)
-    if (path / TRAIN_STATE).exists() or (path / MANIFEST).exists() or (path / ".metadata").exists():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise SfmError(f"{path}: no checkpoint here (neither an iter_* folder nor a folder with a 'latest' marker)")
-    return found
-
-
-def verify_checkpoint(folder: str | os.PathLike) -> dict:
-    """Check that every file the manifest lists is present with its size; return train_state.
-
-    Raises SfmError naming the first missing or truncated file.
+    In a distributed job every rank must call it: the files to hash are split over the
+    ranks and the first error found on any rank is raised on all of them. Raises
+    SfmError naming the first missing, truncated or damaged file.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SfmError(f"{folder}: checkpoint folder not found")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise SfmError(f"{folder}: incomplete checkpoint ({MANIFEST} missing: the save did not finish)")
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fmt.verify_checkpoint(folder, checksums=checksums)
+    error = None
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SfmError(f"{manifest_path}: unreadable ({exc.msg})") from None
-    for name, size in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.exists():
-            raise SfmError(f"{folder}: checkpoint file {name} is missing (listed in {MANIFEST})")
-        actual = path.stat().st_size
-        if actual != size:
-            raise SfmError(f"{folder}: checkpoint file {name} is truncated or changed: {actual} bytes, "
-                           f"expected {size}")
-    if not (folder / ".metadata").exists():
-        raise SfmError(f"{folder}: checkpoint file .metadata is missing")
-    try:
-        return json.loads((folder / TRAIN_STATE).read_text())
-    except FileNotFoundError:
-        raise SfmError(f"{folder}: {TRAIN_STATE} is missing") from None
+        fmt.verify_files(folder, checksums=checksums, share=(dist.get_rank(), dist.get_world_size()))
+    except SfmError as exc:
+        error = str(exc)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise SfmError(first)
+    return fmt.read_train_state(folder)
 
 
-def _write_manifest(folder: Path) -> None:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = path.stat().st_size
-    from megatron_sfm.utils.io import write_json
-
-    write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
+def schedule_changes(saved_cfg, cfg) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every :data:`SCHEDULE_KEYS` entry that differs."""
+    out = []
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old = getattr(getattr(saved_cfg, section), name)
+        new = getattr(getattr(cfg, section), name)
+        if old != new:
+            out.append((key, old, new))
+    return out
 
 
 def _rng_state() -> dict:
@@ -170,25 +142,14 @@ def layout(state) -> dict:
 
 
 def train_state_dict(state, reason: str) -> dict:
-    from megatron_sfm.compat import megatron_core_version
-
     phase = state.data.phase_at(state.iteration) if state.data is not None else 0
-    return {
-        "format_version": FORMAT_VERSION,
-        "iteration": state.iteration,
-        "consumed_train_samples": state.consumed_train_samples,
-        "consumed_valid_samples": state.consumed_valid_samples,
-        "skipped_steps": state.skipped_steps,
-        "tokens": state.consumed_train_samples * state.seq_length,
-        "phase": phase,
-        "seq_length": state.seq_length,
-        "parallel": layout(state),
-        "distrib_optim_sharding_type": (DOPT_METADATA["distrib_optim_sharding_type"]
-                                        if state.cfg.parallel.use_distributed_optimizer else None),
-        "megatron_core": megatron_core_version(),
-        "reason": reason,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    return fmt.make_train_state(
+        iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples, skipped_steps=state.skipped_steps,
+        seq_length=state.seq_length, phase=phase, parallel=layout(state),
+        distrib_optim_sharding_type=(DOPT_METADATA["distrib_optim_sharding_type"]
+                                     if state.cfg.parallel.use_distributed_optimizer else None),
+        reason=reason)
 
 
 def use_async_save(cfg) -> bool:
@@ -197,11 +158,6 @@ def use_async_save(cfg) -> bool:
     if not cfg.checkpoint.async_save:
         return False
     return torch.cuda.is_available() or os.environ.get(ASYNC_ON_CPU_ENV, "") == "1"
-
-
-def _sleep_then(seconds: float, fn, *args, **kwargs):
-    time.sleep(seconds)
-    return fn(*args, **kwargs)
 
 
 def _model_keys(n: int) -> list[str]:
@@ -215,12 +171,10 @@ def model_sharded_state_dict(state) -> dict:
 
 
 def _prepare_optimizer_for_loading(optimizer) -> None:
-    """A fresh distributed optimizer has no Adam state; its loading path asserts on that."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    """A fresh distributed optimizer has no Adam state; its loading path asserts on that (compat W-dopt-empty)."""
+    from megatron_sfm.compat import prepare_optimizer_for_loading
 
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(sub, DistributedOptimizer) and not any(sub.optimizer.state.values()):
-            sub._init_optimizer_states_with_dummy_values()
+    prepare_optimizer_for_loading(optimizer)
 
 
 def full_sharded_state_dict(state, *, is_loading: bool, with_optimizer: bool = True, reason: str = "") -> dict:
@@ -246,6 +200,36 @@ def full_sharded_state_dict(state, *, is_loading: bool, with_optimizer: bool = T
     return sd
 
 
+def _written_files(async_fn_args) -> list[str]:
+    """The files one rank's torch_dist writer writes: the file names of its write buckets."""
+    buckets = async_fn_args[1] if len(async_fn_args) > 1 else ()
+    try:
+        return [str(bucket[0]) for bucket in buckets]
+    except (TypeError, IndexError):  # another layout of the request: rank 0 hashes them at finalize
+        return []
+
+
+def _write_then_hash(write_fn, folder: str, rank: int, *args, **kwargs):
+    """Run the shard writer, then checksum the files it wrote (still in the page cache).
+
+    Runs where the writer runs: in the trainer for a synchronous save, in the forked
+    background process for an async one. The checksums go to a per-rank sidecar that
+    rank 0 merges into ``manifest.json``.
+    """
+    result = write_fn(*args, **kwargs)
+    files = _written_files(args)
+    if files:
+        fmt.write_checksum_sidecar(folder, rank, files)
+    return result
+
+
+def with_checksums(request, folder: str | os.PathLike):
+    """The AsyncRequest of ``dist_checkpointing.save``, its writer also recording checksums."""
+    if request.async_fn is None:  # this rank writes nothing
+        return request
+    return request._replace(async_fn=partial(_write_then_hash, request.async_fn, str(folder), _rank()))
+
+
 class CheckpointManager:
     """Saves (sync, or async: :func:`use_async_save`) and loads checkpoints under ``checkpoint.save``.
 
@@ -261,19 +245,19 @@ class CheckpointManager:
         self._queue = None
         self._parallel_strategy = None
         self.last_saved_iteration: Optional[int] = None
+        # schedule changes accepted with checkpoint.allow_schedule_change (kept in train_state.json)
+        self.schedule_changes: list[dict] = []
 
     # ---- saving -------------------------------------------------------------------
     def save(self, reason: str = "interval") -> Optional[Path]:
         """Save the current state; returns the final folder (written when finalised)."""
         from megatron.core import dist_checkpointing
 
-        from megatron_sfm.training.step import fault_at
-
         if self.save_dir is None:
             return None
         self.finalize(blocking=True)  # one save in flight at a time
         state = self.state
-        name = iter_dir_name(state.iteration)
+        name = iteration_dir_name(state.iteration)
         tmp = self.save_dir / f".{name}.tmp"
         final = self.save_dir / name
         if _rank() == 0:
@@ -284,29 +268,29 @@ class CheckpointManager:
         _barrier()
         sd = full_sharded_state_dict(state, is_loading=False, reason=reason)
         train_state = sd["train_state"]
+        if self.schedule_changes:
+            train_state["schedule_changes"] = list(self.schedule_changes)
+        # Always through Megatron's AsyncRequest (a sync save runs it in place, as
+        # dist_checkpointing does itself), so the writer can checksum what it wrote.
         request = dist_checkpointing.save(sd, str(tmp), sharded_strategy=self._save_strategy(),
-                                          validate_access_integrity=True, async_sharded_save=self.async_save)
-        crash = fault_at("crash_in_save", state.iteration)
+                                          validate_access_integrity=True, async_sharded_save=True)
+        request = with_checksums(request, tmp)
 
         def finalize():
             _barrier()
-            if crash:  # test hook: die after the shards are written, before the rename
-                os.kill(os.getpid(), 9)
             if _rank() == 0:
                 self._finalize_on_rank0(tmp, final, train_state)
             _barrier()
 
-        if request is not None:
-            if request.async_fn is not None and fault_at("slow_async_save", state.iteration):
-                request = request._replace(async_fn=partial(_sleep_then, SLOW_ASYNC_SAVE_S, request.async_fn))
-            request.add_finalize_fn(finalize)
+        request.add_finalize_fn(finalize)
+        if self.async_save:
             if self._queue is None:
                 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
                 self._queue = AsyncCallsQueue()
             self._queue.schedule_async_request(request)
         else:
-            finalize()
+            request.execute_sync()
         self.last_saved_iteration = state.iteration
         return final
 
@@ -326,21 +310,17 @@ class CheckpointManager:
         return strategy
 
     def _finalize_on_rank0(self, tmp: Path, final: Path, train_state: dict) -> None:
-        from megatron_sfm.config import dump_config
-        from megatron_sfm.utils.io import atomic_path, write_json
-
-        dump_config(self.state.cfg, tmp / CONFIG)
-        write_json(tmp / TRAIN_STATE, train_state)
-        _write_manifest(tmp)
+        fmt.write_run_config(tmp, self.state.cfg)
+        fmt.write_train_state(tmp, train_state)
+        fmt.write_manifest(tmp)  # last: merges the writers' checksums, hashes the small files
         old = final.parent / f".{final.name}.old"
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        with atomic_path(self.save_dir / LATEST) as t:
-            t.write_text(f"{train_state['iteration']}\n")
-        dump_config(self.state.cfg, self.save_dir / CONFIG)
+        fmt.write_latest(self.save_dir, train_state["iteration"])
+        fmt.write_run_config(self.save_dir, self.state.cfg)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.save_dir.glob(".iter_*.tmp"):
@@ -366,12 +346,18 @@ class CheckpointManager:
 
     # ---- loading ------------------------------------------------------------------
     def load(self, path: str | os.PathLike, *, load_optimizer: bool = True) -> dict:
-        """Resume from ``path`` (iter folder or save folder): model, optimizer, scheduler, progress."""
+        """Resume from ``path`` (iter folder or save folder): model, optimizer, scheduler, progress.
+
+        The folder is verified first (manifest, sizes, checksums unless
+        ``checkpoint.verify_checksums`` is false), then the saved config's schedule is
+        compared with this run's (:meth:`check_schedule`).
+        """
         from megatron.core import dist_checkpointing
 
         state = self.state
         folder = resolve_checkpoint(path)
-        saved = verify_checkpoint(folder)
+        saved = verify_checkpoint(folder, checksums=state.cfg.checkpoint.verify_checksums)
+        self.check_schedule(folder, saved)
         same_layout = saved.get("parallel", {}) == layout(state)
         sd = full_sharded_state_dict(state, is_loading=True, with_optimizer=load_optimizer)
         if not same_layout:
@@ -399,13 +385,39 @@ class CheckpointManager:
         reset_train_iterators(state)
         return saved
 
+    def check_schedule(self, folder: Path, saved: dict) -> None:
+        """Refuse to resume with another schedule (:data:`SCHEDULE_KEYS`) than the checkpoint's.
+
+        With ``checkpoint.allow_schedule_change`` the change is accepted, logged (warning,
+        rank 0) and recorded in the next checkpoints' ``train_state.json``
+        (``schedule_changes``).
+        """
+        cfg = self.state.cfg
+        changes = schedule_changes(fmt.read_run_config(folder), cfg)
+        self.schedule_changes = list(saved.get("schedule_changes", []))
+        if not changes:
+            return
+        config_path = folder / CONFIG
+        if not cfg.checkpoint.allow_schedule_change:
+            key, old, new = changes[0]
+            more = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+            raise SfmError(f"{key}: {new!r} differs from {old!r} in the checkpoint's {config_path}{more}; "
+                           "resuming with another schedule is refused (set checkpoint.allow_schedule_change=true "
+                           "if intended, or start a new run with checkpoint.init_from)")
+        iteration = int(saved["iteration"])
+        for key, old, new in changes:
+            self.schedule_changes.append({"iteration": iteration, "key": key, "saved": old, "now": new})
+            if _rank() == 0:
+                log.warning("checkpoint.allow_schedule_change: resuming %s at iteration %d with %s changed "
+                            "from %r to %r", folder, iteration, key, old, new)
+
     def init_from(self, path: str | os.PathLike) -> dict:
         """Midtraining: weights only; optimizer, scheduler and progress start fresh."""
         from megatron.core import dist_checkpointing
 
         state = self.state
         folder = resolve_checkpoint(path)
-        saved = verify_checkpoint(folder)
+        saved = verify_checkpoint(folder, checksums=state.cfg.checkpoint.verify_checksums)
         sd = model_sharded_state_dict(state)
         loaded = _load(dist_checkpointing, sd, folder)
         _load_model(state, loaded)
@@ -417,13 +429,13 @@ def _load(dist_checkpointing, sd: dict, folder: Path) -> dict:
     # torch's CheckpointException derives from BaseException, not Exception
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from megatron_sfm.compat import quiet_root_logger
+
     # torch.distributed.checkpoint logs its metadata-read fallbacks with tracebacks on the
-    # root logger (0.16.1 + torch 2.13); quiet it while loading: failures become one clear line.
-    dcp_log = logging.getLogger()
-    level = dcp_log.level
-    dcp_log.setLevel(logging.ERROR)
+    # root logger (compat W-dcp-log); quiet it while loading: failures become one clear line.
     try:
-        return dist_checkpointing.load(sd, str(folder))
+        with quiet_root_logger():
+            return dist_checkpointing.load(sd, str(folder))
     except SfmError:
         raise
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one clear line instead of internals
@@ -431,8 +443,6 @@ def _load(dist_checkpointing, sd: dict, folder: Path) -> dict:
         lines = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln] or text.splitlines() or [""]
         first = lines[-1].strip()
         raise SfmError(f"{folder}: cannot load checkpoint ({type(exc).__name__}: {first[:300]})") from exc
-    finally:
-        dcp_log.setLevel(level)
 
 
 def _load_model(state, loaded: dict) -> None:
@@ -444,7 +454,7 @@ def _load_model(state, loaded: dict) -> None:
             raise SfmError(f"checkpoint model weights do not fit this model: {str(exc).splitlines()[0]}") from exc
 
 
-def load_model_weights(model_chunks: list, path: str | os.PathLike) -> dict:
+def load_model_weights(model_chunks: list, path: str | os.PathLike, *, verify_checksums: bool = True) -> dict:
     """Load the model weights of a checkpoint into bare GPTModel chunks (any layout).
 
     For tools (conversion, evaluation): call after ``initialize_parallel`` and
@@ -454,7 +464,7 @@ def load_model_weights(model_chunks: list, path: str | os.PathLike) -> dict:
     from megatron.core import dist_checkpointing
 
     folder = resolve_checkpoint(path)
-    saved = verify_checkpoint(folder)
+    saved = verify_checkpoint(folder, checksums=verify_checksums)
     sd = {key: m.sharded_state_dict() for key, m in zip(_model_keys(len(model_chunks)), model_chunks)}
     loaded = _load(dist_checkpointing, sd, folder)
     for key, m in zip(_model_keys(len(model_chunks)), model_chunks):

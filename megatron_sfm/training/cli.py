@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             # one process: no other rank to agree with, and nothing built yet (torch not even imported)
             print(f"received {flag.name()} during startup: nothing trained, nothing to save; "
                   f"exiting with {requeue_exit_code()} (requeue)")
+            flag.hold()  # ignore further signals until the process has exited with the requeue code
             return requeue_exit_code()
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         from megatron_sfm.training.loop import run_training

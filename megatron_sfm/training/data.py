@@ -1,12 +1,20 @@
-"""Training data: blends from ``sfm data mix`` through Megatron-Core's dataset builder.
+"""Training data: the output of ``sfm data mix`` through Megatron-Core's dataset builder.
 
-A *blend* file (``{"train": [w1, prefix1, ...], "valid": [...], "test": [...]}``, with
-optional ``"sources"`` names) is read, and built into datasets, by
-``megatron_sfm.data_tools.blend``; per-source losses are keyed by its source names.
+``data.phases`` + ``data.stage`` (``phases.json`` of ``sfm data mix``) or ``data.blend``
+(one blend JSON) name the data; ``megatron_sfm.data_tools.blend`` reads both (source
+names come from each blend's ``"sources"``) and builds the datasets. Before anything is
+built, :func:`build_data` checks the run against what the data was mixed for:
 
-A *phases* file (late insertion) is JSON ``{"phases": [{"start_iteration": 0, "blend":
-"a.json"}, {"start_iteration": 900, "blend": "b.json"}]}``: each phase trains on its own
-blend from its start iteration to the next phase's start (or ``train_iters``).
+* a stage of a phases file states ``seq_length``, ``global_batch_size`` and
+  ``iterations``: ``model.seq_length``, ``training.global_batch_size`` and
+  ``training.train_iters`` must equal them (one error line lists every mismatch);
+* the dataset seed is the one the data carries (phases.json / blend ``"seed"``: the mix
+  spec's ``seed``); ``data.split_seed`` only seeds data without one, and a different
+  value from the data's is refused;
+* every dataset: files, sizes and token ids (``megatron_sfm.training.data_checks``).
+
+A phase trains on its own blend from its start iteration to the next phase's start (or
+``train_iters``).
 
 Samples are addressed by a *global sample index*: iteration ``i`` consumes indices
 ``[i*G, (i+1)*G)`` (G = global batch size). Micro-batch ``m`` of data-parallel rank
@@ -18,7 +26,6 @@ number of consumed samples, and every layout sees the same micro-batches.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,103 +34,43 @@ import numpy as np
 import torch
 
 from megatron_sfm.config.schema import RunConfig
-from megatron_sfm.data_tools.blend import Blend, SimpleTokenizer, build_gpt_datasets, read_blend, read_json
+from megatron_sfm.data_tools.blend import (
+    Phase,
+    SimpleTokenizer,
+    StagePlan,
+    build_gpt_datasets,
+    read_blend,
+    read_phases,  # noqa: F401 - the trainer's name for it (tests, tools)
+    read_stage,
+)
 from megatron_sfm.errors import SfmError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Phase:
-    start_iteration: int
-    blend: Blend
-    loss_weights: dict = field(default_factory=dict)  # {source name: weight} from phases.json ("loss_weights")
+DEFAULT_SEED = 1234
 
 
-def read_phases(path: str | os.PathLike, train_iters: int, stage: Optional[str] = None) -> list[Phase]:
-    """Phases of one stage from ``sfm data mix``'s phases.json (or the short form).
+def check_stage_matches(plan: StagePlan, cfg: RunConfig, seq_length: int) -> None:
+    """Refuse a run whose sizes differ from what the stage was mixed for (one line, every mismatch)."""
+    t = cfg.training
+    pairs = [("training.train_iters", t.train_iters, plan.iterations),
+             ("training.global_batch_size", t.global_batch_size, plan.global_batch_size),
+             ("model.seq_length", seq_length, plan.seq_length)]
+    wrong = [f"{key}={have} (stage: {want})" for key, have, want in pairs if want is not None and have != want]
+    if wrong:
+        name = f"stage {plan.stage!r}" if plan.stage else "the stage"
+        raise SfmError(f"data.phases: {plan.path}: {name} was mixed for other sizes: {', '.join(wrong)}; "
+                       "set them to the stage's values (or re-run sfm data mix)")
 
-    ``sfm data mix`` writes ``{"stages": [{"stage": NAME, "phases": [{"start_iteration",
-    "blend", "weights": {source: w}}, ...]}, ...]}`` with start iterations relative to the
-    stage; ``stage`` picks one (needed when there are several). The short form is
-    ``{"phases": [{"start_iteration": N, "blend": FILE}, ...]}``. Blend paths are relative
-    to the phases file. Source names come from ``weights`` (else the prefixes' names).
 
-    Per-source loss weights: an optional ``"loss_weights": {source: w}`` at the top level
-    (the condition), on a stage object and on a phase object; the more specific level
-    wins per source (phase > stage > condition); sources not named have weight 1.
-    """
-    path = Path(path)
-    data = read_json(path, "data.phases")
-    from megatron_sfm.training.loss import check_loss_weights
-
-    where = f"data.phases: {path}"
-    base_weights = check_loss_weights(data.get("loss_weights"), f"{where}: loss_weights") if isinstance(data, dict) else {}
-    known: set = set()
-    if isinstance(data, dict) and "stages" in data:
-        stages = data["stages"] or []
-        for st in stages:
-            for ph in (st.get("phases") or []) if isinstance(st, dict) else []:
-                if isinstance(ph, dict) and isinstance(ph.get("weights"), dict):
-                    known.update(str(k) for k in ph["weights"])
-        names = [s.get("stage") for s in stages if isinstance(s, dict)]
-        if stage is None:
-            if len(stages) != 1:
-                raise SfmError(f"data.stage: {path} has stages {names}; say which one (data.stage=NAME)")
-            chosen = stages[0]
-        else:
-            matches = [s for s in stages if isinstance(s, dict) and s.get("stage") == stage]
-            if not matches:
-                raise SfmError(f"data.stage: {stage!r} is not a stage of {path} (stages: {names})")
-            chosen = matches[0]
-        raw = chosen.get("phases")
-        stage_key = f"stages[{stages.index(chosen)}]"
-        base_weights = {**base_weights, **check_loss_weights(chosen.get("loss_weights"),
-                                                             f"{where}: {stage_key}.loss_weights")}
-    else:
-        raw = data.get("phases") if isinstance(data, dict) else data
-        stage_key = ""
-    if not isinstance(raw, list) or not raw:
-        raise SfmError(f"data.phases: {path}: expected {{\"phases\": [{{\"start_iteration\": N, \"blend\": FILE}}, ...]}}")
-    entries = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict) or "blend" not in item:
-            raise SfmError(f"data.phases: {path}: phases[{i}] needs 'blend' and 'start_iteration'")
-        start = item.get("start_iteration", item.get("start_iter", 0 if i == 0 else None))
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise SfmError(f"data.phases: {path}: phases[{i}].start_iteration must be a non-negative integer")
-        entries.append((start, item))
-    starts = [start for start, _ in entries]
-    if starts[0] != 0:
-        raise SfmError(f"data.phases: {path}: the first phase must start at iteration 0")
-    if starts != sorted(set(starts)):
-        raise SfmError(f"data.phases: {path}: start iterations must increase, got {starts}")
-    if starts[-1] >= train_iters:
-        raise SfmError(
-            f"data.phases: {path}: phase start {starts[-1]} is not before training.train_iters {train_iters}")
-    phases = []
-    for start, item in entries:
-        blend_path = item["blend"]
-        if not os.path.isabs(blend_path):
-            blend_path = str(path.parent / blend_path)
-        blend = read_blend(blend_path)
-        weights = item.get("weights")
-        if isinstance(weights, dict):
-            for sb in blend.splits.values():
-                if sb is not None and len(weights) == len(sb.prefixes):
-                    sb.names = [str(k) for k in weights]
-        for sb in blend.splits.values():
-            if sb is not None:
-                known.update(sb.names)
-        key = f"{stage_key}.phases[{len(phases)}]" if stage_key else f"phases[{len(phases)}]"
-        loss_weights = {**base_weights, **check_loss_weights(item.get("loss_weights"), f"{where}: {key}.loss_weights")}
-        phases.append(Phase(start_iteration=start, blend=blend, loss_weights=loss_weights))
-    for phase in phases:
-        unknown = sorted(set(phase.loss_weights) - known)
-        if unknown:
-            raise SfmError(f"{where}: loss_weights name {', '.join(map(repr, unknown))}, which is not a source "
-                           f"of this file (sources: {', '.join(sorted(known))})")
-    return phases
+def resolve_seed(cfg_seed: Optional[int], data_seed: Optional[int], where: str) -> int:
+    """The dataset seed: the data's (the mix spec's), else ``data.split_seed``, else 1234."""
+    if data_seed is None:
+        return DEFAULT_SEED if cfg_seed is None else cfg_seed
+    if cfg_seed is not None and cfg_seed != data_seed:
+        raise SfmError(f"data.split_seed: {cfg_seed} differs from the seed {data_seed} of {where} (the mix spec's "
+                       "seed); drop data.split_seed, or re-run sfm data mix with that seed")
+    return data_seed
 
 
 @dataclass
@@ -137,7 +84,6 @@ class DataSources:
     global_batch_size: int
     # per train phase: loss weight of each source (source_names order), None when all are 1
     train_loss_weights: list = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
 
     def phase_at(self, iteration: int) -> int:
         index = 0
@@ -159,9 +105,10 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
     g = t.global_batch_size
     n_evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval > 0 else 0
     valid_size = n_evals * t.eval_iters * g
-    dataset_args = dict(seq_length=seq_length or cfg.model.seq_length, seed=cfg.data.split_seed,
-                        tokenizer=SimpleTokenizer(cfg.model.vocab_size, cfg.data.eod_token_id, cfg.data.pad_token_id))
+    seq = seq_length or cfg.model.seq_length
+    tokenizer = SimpleTokenizer(cfg.model.vocab_size, cfg.data.eod_token_id, cfg.data.pad_token_id)
     if cfg.data.mock:
+        dataset_args = dict(seq_length=seq, seed=resolve_seed(cfg.data.split_seed, None, ""), tokenizer=tokenizer)
         train, valid, _ = build_gpt_datasets(None, [t.train_iters * g, max(valid_size, 1), 1],
                                              path_to_cache=cfg.data.cache_dir, **dataset_args)
         weights = weight_vector(["mock"], cfg.data.source_loss_weights, "data.source_loss_weights")
@@ -169,11 +116,28 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
                            valid_source_map=[0], source_names=["mock"], global_batch_size=g,
                            train_loss_weights=[weights])
     if cfg.data.phases:
-        phases = read_phases(cfg.data.phases, t.train_iters, cfg.data.stage)
+        plan = read_stage(cfg.data.phases, cfg.data.stage)
+        check_stage_matches(plan, cfg, seq)
+        phases = plan.phases
+        if phases[-1].start_iteration >= t.train_iters:  # the short form states no iterations
+            raise SfmError(f"data.phases: {cfg.data.phases}: phase start {phases[-1].start_iteration} is not "
+                           f"before training.train_iters {t.train_iters}")
+        seed = resolve_seed(cfg.data.split_seed, plan.seed, cfg.data.phases)
     elif cfg.data.blend:
-        phases = [Phase(0, read_blend(cfg.data.blend))]
+        blend = read_blend(cfg.data.blend)
+        phases = [Phase(0, blend=blend)]
+        seed = resolve_seed(cfg.data.split_seed, blend.seed, cfg.data.blend)
     else:
         raise SfmError("data: set data.blend (a blend JSON from 'sfm data mix'), data.phases, or data.mock: true")
+    from megatron_sfm.training.data_checks import check_datasets
+
+    used = []  # every dataset a split draws from (weight > 0), with the blend that names it
+    for phase in phases:
+        for sb in phase.blend.splits.values():
+            sb = sb.nonzero() if sb is not None else None
+            used += [(prefix, phase.blend.path) for prefix in (sb.prefixes if sb is not None else [])]
+    check_datasets(used, cfg.model.vocab_size)
+    dataset_args = dict(seq_length=seq, seed=seed, tokenizer=tokenizer)
     names: list[str] = []
 
     def global_ids(local_names):

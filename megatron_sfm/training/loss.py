@@ -6,7 +6,7 @@ Two implementations behind ``training.cross_entropy`` (see docs/training.md):
   ``vocab_parallel_cross_entropy`` (any TP); :func:`megatron_loss` masks it, applies the
   source weights and sums per source with ``index_add``.
 * ``fused``: TP=1 only. GPTModel returns its logits in Megatron's ``[s, b, V]`` order (no
-  transposed copy, see :func:`install_logits_output`) and :func:`fused_loss` runs
+  transposed copy, see :func:`megatron_sfm.compat.install_logits_output`) and :func:`fused_loss` runs
   ``megatron_sfm.kernels.cross_entropy.fused_cross_entropy`` over them: loss, weights,
   per-source sums and token counts in one pass forward and one backward.
 
@@ -60,27 +60,6 @@ def resolve_cross_entropy(mode: str, tensor_parallel_size: int, device: torch.de
         raise SfmError(f"training.cross_entropy: 'fused' needs the Triton kernels, which cannot run on {device} "
                        f"(use a CUDA GPU, set TRITON_INTERPRET=1 for CPU tests, or use auto/megatron)")
     return "fused"
-
-
-def _logits_in_sb_order(labels, logits):  # noqa: ARG001 - the signature of compute_language_model_loss
-    return logits
-
-
-def install_logits_output(gpt_model) -> None:
-    """Make ``gpt_model(..., labels=...)`` return its logits ``[s, b, V]`` instead of a loss.
-
-    Megatron-Core 0.16.1's GPTModel returns ``logits.transpose(0, 1).contiguous()`` (a
-    full copy of the logits, and another of their gradient) when called without labels;
-    with labels it hands the ``[s, b, V]`` logits to ``compute_language_model_loss``.
-    Overriding that method on this instance (not on the class) lets the fused loss read
-    the logits where they are. :func:`remove_logits_output` undoes it.
-    """
-    gpt_model.compute_language_model_loss = _logits_in_sb_order
-
-
-def remove_logits_output(gpt_model) -> None:
-    if gpt_model.__dict__.get("compute_language_model_loss") is _logits_in_sb_order:
-        del gpt_model.compute_language_model_loss
 
 
 def _weights_per_sample(source_weights: Optional[torch.Tensor], source_ids: torch.Tensor) -> Optional[torch.Tensor]:

@@ -6,6 +6,14 @@ warning (SIGUSR1) or a preemption (SIGTERM) that arrives while the trainer is st
 starting is remembered instead of killing the process. The trainer checks the flag at
 fixed points during startup and at every step boundary (all ranks together), saves if
 it trained anything, and exits with :func:`requeue_exit_code`.
+
+Once the trainer has decided to exit with that code, :meth:`SignalFlag.hold` makes both
+signals ignored (``SIG_IGN``) until the process is gone, and :meth:`SignalFlag.restore`
+leaves them so: under ``torchrun`` a rank that saved and is shutting down still gets the
+SIGTERM torchrun sends the remaining workers when another rank exits first, and with
+the default action restored it would die of it (exit -15) instead of exiting with the
+requeue code. ``SIG_IGN`` (unlike a Python handler, which the interpreter resets while
+it finalises) holds until the very end.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class SignalFlag:
 
     def __init__(self):
         self.received: Optional[int] = None
+        self.held = False
         self._previous = {}
 
     def install(self) -> "SignalFlag":
@@ -45,10 +54,26 @@ class SignalFlag:
     def _handle(self, signum, frame):  # noqa: ARG002
         self.received = signum
 
-    def restore(self) -> None:
+    def hold(self) -> None:
+        """Ignore SIGTERM / SIGUSR1 from now until the process exits (the stop is decided).
+
+        The previous handlers are still remembered, so ``restore(force=True)`` (in-process
+        callers that go on) puts them back. Only in the main thread (like ``install``).
+        """
+        for sig in self.SIGNALS:
+            if sig not in self._previous:
+                self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, signal.SIG_IGN)
+        self.held = True
+
+    def restore(self, force: bool = False) -> None:
+        """Put the previous handlers back; after :meth:`hold` only with ``force=True``."""
+        if self.held and not force:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self.held = False
 
     def name(self) -> str:
         """The received signal's name (SIGTERM, SIGUSR1), or 'on another rank'."""

@@ -41,6 +41,8 @@ class TrainingState:
     consumed_valid_samples: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    # called with (iteration index, [global sample indices], tokens) for each training
+    # micro-batch of the first chunk; set it, then reset_train_iterators (a callback's on_init)
     sample_recorder: Any = None
     cross_entropy: str = "megatron"  # the loss implementation in use: "fused" or "megatron" (see loss.py)
     default_loss_weights: Optional[list] = None  # per-source loss weights for batches without their own
@@ -190,8 +192,7 @@ def _wire_model_config(config, model_chunks, optimizer, cfg: RunConfig) -> None:
     config.finalize_model_grads_func = finalize_model_grads
 
 
-def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recorder=None,
-                         stop_check=None) -> TrainingState:
+def build_training_state(cfg: RunConfig, *, with_data: bool = True, stop_check=None) -> TrainingState:
     """Initialise parallel state, model, optimizer, scheduler and (optionally) data.
 
     Call under torchrun/srun (or in a single process: world size 1). ``with_data=False``
@@ -231,8 +232,7 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, sample_recor
         cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler,
         forward_backward_func=get_forward_backward_func(),
         num_microbatches=t.global_batch_size // (t.micro_batch_size * dp_size),
-        seq_length=cfg.model.seq_length, world_size=world, dp_rank=dp_rank, dp_size=dp_size,
-        sample_recorder=sample_recorder)
+        seq_length=cfg.model.seq_length, world_size=world, dp_rank=dp_rank, dp_size=dp_size)
     state.extra["model_config"] = config
     set_cross_entropy(state, cross_entropy)
     if with_data:
@@ -259,50 +259,23 @@ def release_training_state(state: TrainingState) -> None:
     Without it, a state with fp32 weights and the distributed optimizer that goes out of
     scope is never freed, even by ``gc.collect()``, and a second state built in the same
     process (benchmark rows, tests, notebooks) sits next to the first one, in GPU memory
-    too (Megatron-Core 0.16.1, torch 2.13; ``tests/training/test_release.py``). Two
-    references keep it:
-
-    * the model config holds ``optimizer.scale_loss`` (``grad_scale_func``, set for the
-      pipeline schedules). With fp32 parameters the distributed optimizer's shards are
-      autograd views of the model's parameters, whose graph reaches each parameter's
-      grad-accumulator node and the DDP hook on it, which closes over the DDP module:
-      model -> config -> optimizer -> shard view -> node -> hook -> model. The view ->
-      node link lives in C++, where the collector cannot see it, so the cycle is never
-      collected. Unsetting ``grad_scale_func`` cuts it;
-    * ``RotaryEmbedding.forward`` is an ``lru_cache`` on the class, keyed by the module:
-      in every layout it keeps the rotary module and its tables until it is cleared.
-
-    This unsets the callables ``_wire_model_config`` put on the model config, clears that
-    cache (class-wide: other live models recompute their tables once), clears DDP's
-    ``grad_accs`` and forward pre-hooks (cycles through the DDP module the collector
-    could free, cut here so it need not), and drops the model chunks, optimizer,
-    scheduler, data and iterators from ``state``.
+    too (Megatron-Core 0.16.1, torch 2.13; ``tests/training/test_release.py``): the model
+    config holds ``optimizer.scale_loss``, whose autograd views lead back to DDP, and
+    Megatron's rotary ``lru_cache`` keeps the rotary module. This cuts those references
+    (:func:`megatron_sfm.compat.release_model_references`, W-release in
+    docs/megatron-core-compat.md: the callables ``_wire_model_config`` put on the model
+    config, the rotary cache, DDP's gradient-accumulator hooks and forward pre-hooks) and drops the
+    model chunks, optimizer, scheduler, data and iterators from ``state``.
 
     Call it when done with the state (after the last checkpoint save has finished);
     ``state`` keeps its counters (iteration, consumed samples) but cannot train any more.
     Memory comes back at the next ``gc.collect()`` (then ``torch.cuda.empty_cache()`` to
     return it to the driver). Calling it twice is harmless.
     """
-    configs = [state.extra.pop("model_config", None)]
-    cleared: set = set()
-    for chunk in state.model:
-        for module in chunk.modules():  # RotaryEmbedding (and YaRN's): forward is a class-level lru_cache
-            clear_cache = getattr(type(module).forward, "cache_clear", None)
-            if clear_cache is not None and type(module) not in cleared:
-                clear_cache()
-                cleared.add(type(module))
-        if getattr(chunk, "use_forward_hook", False) and chunk.remove_forward_pre_hook_handles:
-            chunk.disable_forward_pre_hook(param_sync=False)  # overlap_param_gather: the hooks close over DDP
-        accs = getattr(chunk, "grad_accs", None)
-        if isinstance(accs, list):
-            accs.clear()
-        configs.append(getattr(chunk, "config", None))
-    for config in configs:
-        if config is None:
-            continue
-        for name in _CONFIG_HOOKS:
-            if hasattr(config, name):
-                setattr(config, name, None)
+    from megatron_sfm.compat import release_model_references
+
+    configs = [state.extra.pop("model_config", None)] + [getattr(chunk, "config", None) for chunk in state.model]
+    release_model_references(state.model, configs, _CONFIG_HOOKS)
     state.model = []
     state.optimizer = None
     state.scheduler = None
@@ -312,7 +285,7 @@ def release_training_state(state: TrainingState) -> None:
 
 def set_cross_entropy(state: TrainingState, mode: str) -> None:
     """Switch the loss implementation ("fused" or "megatron") of the state's model chunks."""
-    from megatron_sfm.training.loss import install_logits_output, remove_logits_output
+    from megatron_sfm.compat import install_logits_output, remove_logits_output
 
     if mode not in ("fused", "megatron"):
         raise ValueError(f"set_cross_entropy: mode must be 'fused' or 'megatron', got {mode!r}")

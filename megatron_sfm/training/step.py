@@ -19,7 +19,6 @@ are unweighted too; ``weighted_loss`` is the mean the gradient was taken of.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,20 +42,6 @@ class StepResult:
     source_loss: dict = field(default_factory=dict)  # name -> mean loss (sources with tokens only)
     source_tokens: dict = field(default_factory=dict)  # name -> loss tokens
     weighted_loss: float = float("nan")  # sum(w_src * token loss) / tokens: what was backpropagated
-
-
-def _faults() -> dict:
-    """Test hooks from SFM_FAULTS, e.g. 'nan_loss@3,4;crash_in_save@6' (iterations, 1-based)."""
-    spec = os.environ.get("SFM_FAULTS", "")
-    out = {}
-    for part in filter(None, spec.split(";")):
-        name, _, iters = part.partition("@")
-        out[name.strip()] = {int(i) for i in iters.split(",") if i.strip()}
-    return out
-
-
-def fault_at(name: str, iteration: int) -> bool:
-    return iteration in _faults().get(name, set())
 
 
 def _device() -> torch.device:
@@ -99,7 +84,7 @@ def forward_step(setup: LossSetup, data_iterator, model):
     if weights is not None:
         weights = weights.to(dev, non_blocking=True)
     if setup.fused:
-        # the model returns [s, b, V] logits (loss.install_logits_output); the kernel reads bf16 as is
+        # the model returns [s, b, V] logits (compat.install_logits_output); the kernel reads bf16 as is
         kwargs = {"fp32_output": False} if setup.half_precision_module else {}
         output = model(tokens, position_ids, None, labels=labels, **kwargs)
         return output, partial(fused_loss, labels, loss_mask, source_ids, setup.num_sources, weights)
@@ -193,8 +178,6 @@ def train_step(state: TrainingState, data_iterators: Optional[list] = None) -> S
     state.optimizer.zero_grad()
     report = forward_backward(state, iterators)
     iteration = state.iteration + 1
-    if fault_at("nan_loss", iteration):
-        report[0] = float("nan")
     loss, loss_tokens, src_loss, src_tokens, weighted_loss = _summarise(state, report)
 
     optimizer = state.optimizer

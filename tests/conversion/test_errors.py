@@ -38,6 +38,14 @@ def _iter(root: Path) -> Path:
     return root / f"iter_{int((root / 'latest').read_text()):07d}"
 
 
+def _rewrite_manifest(iter_dir: Path) -> None:
+    """Make the manifest agree with the (damaged or malicious) files, as an attacker or a
+    careless copy could: the readers' own checks must still hold."""
+    from megatron_sfm.checkpoint_format import write_manifest
+
+    write_manifest(iter_dir)
+
+
 def test_missing_shard_is_named(trained, tmp_path):
     from megatron_sfm.conversion import export_to_hf
 
@@ -46,21 +54,68 @@ def test_missing_shard_is_named(trained, tmp_path):
     with pytest.raises(SfmError, match=r"__1_0\.distcp.*missing"):
         export_to_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    # Without the manifest, the reader itself notices the missing file.
-    (_iter(ckpt) / "manifest.json").unlink()
+    # With a manifest that no longer lists it, the reader itself notices the missing file.
+    _rewrite_manifest(_iter(ckpt))
     with pytest.raises(SfmError, match=r"__1_0\.distcp: missing shard file"):
         export_to_hf(ckpt, tmp_path / "hf")
 
 
-def test_truncated_shard_without_manifest(trained, tmp_path):
+def test_missing_manifest_is_refused(trained, tmp_path):
+    from megatron_sfm.conversion import export_to_hf
+
+    ckpt = _copy(trained["tp1pp1"], tmp_path / "ckpt")
+    (_iter(ckpt) / "manifest.json").unlink()
+    with pytest.raises(SfmError, match=r"iter_0000001: incomplete checkpoint \(manifest.json missing"):
+        export_to_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_truncated_shard_behind_a_rewritten_manifest(trained, tmp_path):
     from megatron_sfm.conversion import export_to_hf
 
     ckpt = _copy(trained["pp2"], tmp_path / "ckpt")
-    (_iter(ckpt) / "manifest.json").unlink()
     shard = _iter(ckpt) / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
+    _rewrite_manifest(_iter(ckpt))
     with pytest.raises(SfmError, match="truncated shard"):
         export_to_hf(ckpt, tmp_path / "hf")
+
+
+def _flip_inside_largest_chunk(iter_dir: Path) -> Path:
+    """Change bytes in the middle of the largest stored tensor chunk (file size unchanged)."""
+    from megatron_sfm.conversion.dcp_reader import read_metadata
+
+    info = max(read_metadata(iter_dir).storage_data.values(), key=lambda i: i.length)
+    shard = iter_dir / info.relative_path
+    data = bytearray(shard.read_bytes())
+    middle = info.offset + info.length // 2
+    data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_changed_bytes_inside_a_shard_are_refused(trained, tmp_path, capsys):
+    """Same size, other content: to-hf (exit 2, one line naming the file) and evaluation refuse it."""
+    from safetensors.torch import load_file
+
+    from megatron_sfm.cli import main as sfm
+    from megatron_sfm.evaluation.models import hf_folder_for
+
+    ckpt = _copy(trained["tp1pp1"], tmp_path / "ckpt")
+    shard = _flip_inside_largest_chunk(_iter(ckpt))
+    assert sfm(["convert", "to-hf", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"checkpoint file {shard.name} is damaged" in err[0]
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(SfmError, match=f"{shard.name} is damaged"), hf_folder_for(ckpt):
+        pass
+    # --no-verify-checksums: the export goes through and carries the changed weights
+    # (nothing else notices them: this is what the checksum is for).
+    assert sfm(["convert", "to-hf", str(ckpt), "--out", str(tmp_path / "hf"), "--no-verify-checksums"]) == 0
+    assert sfm(["convert", "to-hf", str(trained["tp1pp1"]), "--out", str(tmp_path / "clean")]) == 0
+    damaged, clean = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "clean" / "model.safetensors")
+    assert set(damaged) == set(clean)
+    assert [k for k in clean if not torch.equal(damaged[k], clean[k])]
 
 
 def test_mismatched_architecture_in_checkpoint(trained, tmp_path):
@@ -71,7 +126,7 @@ def test_mismatched_architecture_in_checkpoint(trained, tmp_path):
     data = yaml.safe_load(config.read_text())
     data["model"]["ffn_hidden_size"] = 128
     config.write_text(yaml.safe_dump(data))
-    (_iter(ckpt) / "manifest.json").unlink()
+    _rewrite_manifest(_iter(ckpt))
     with pytest.raises(SfmError, match=r"linear_fc1.weight.*mismatched architecture"):
         export_to_hf(ckpt, tmp_path / "hf")
 
@@ -111,7 +166,9 @@ def test_malicious_metadata_pickle_is_refused(trained, tmp_path):
     ckpt = _copy(trained["tp1pp1"], tmp_path / "ckpt")
     marker = tmp_path / "pwned"
     (_iter(ckpt) / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
-    (_iter(ckpt) / "manifest.json").unlink()
+    with pytest.raises(SfmError, match=r"checkpoint file \.metadata is (damaged|truncated or changed)"):
+        export_to_hf(ckpt, tmp_path / "hf")  # the manifest notices first
+    _rewrite_manifest(_iter(ckpt))
     with pytest.raises(SfmError, match=r"\.metadata: refusing to unpickle (posix|os)\.system"):
         export_to_hf(ckpt, tmp_path / "hf")
     assert not marker.exists()
@@ -134,7 +191,7 @@ def test_malicious_tensor_record_is_refused(trained, tmp_path):
         if index.fqn == "decoder.final_layernorm.weight":
             info.relative_path, info.offset, info.length = "__evil.distcp", 0, len(payload)
     (iter_dir / ".metadata").write_bytes(pickle.dumps(metadata))
-    (iter_dir / "manifest.json").unlink()
+    _rewrite_manifest(iter_dir)
     with pytest.raises(SfmError, match=r"refusing to load decoder.final_layernorm.weight.*weights_only"):
         export_to_hf(ckpt, tmp_path / "hf")
     assert not marker.exists()
@@ -178,6 +235,6 @@ def test_refuses_to_replace_a_foreign_folder(trained, tmp_path):
     out = tmp_path / "notes"
     out.mkdir()
     (out / "important.txt").write_text("keep me")
-    with pytest.raises(SfmError, match="not a Hugging Face model folder"):
+    with pytest.raises(SfmError, match=r"not empty \(holds an earlier run\); pass --overwrite"):
         export_to_hf(trained["tp1pp1"], out)
     assert (out / "important.txt").read_text() == "keep me"

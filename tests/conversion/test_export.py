@@ -39,10 +39,10 @@ def test_sfm_train_checkpoint_exports_and_matches(trained, tmp_path, layout):
 
     # Reference: Megatron-Core's GPTModel at TP=1 PP=1 loaded by dist_checkpointing.load
     # (Megatron's own reader, resharding the saved layout), not by the export's reader.
-    from megatron_sfm.conversion.layout import resolve_iteration_dir
+    from megatron_sfm.checkpoint_format import resolve_checkpoint
     from megatron_sfm.conversion.verify import megatron_logits
 
-    ours = megatron_logits(resolve_iteration_dir(trained[layout]), TOKENS).numpy()
+    ours = megatron_logits(resolve_checkpoint(trained[layout]), TOKENS).numpy()
     assert ours.shape == tuple(hf.shape) == (3, 24, 512)
     assert np.abs(ours).max() > 0.1  # non-trivial logits
     assert np.abs(ours - hf.numpy()).max() < 1e-4

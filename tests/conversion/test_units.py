@@ -15,10 +15,10 @@ from megatron_sfm.errors import SfmError
 def test_hf_config_roundtrip_and_transformers_reads_it(tmp_path):
     from transformers import AutoConfig
 
-    from megatron_sfm.conversion.hf_config import hf_config_dict, model_config_from_hf
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
     ours = ModelConfig(**model_preset("pythia-6.9b"))
-    config = hf_config_dict(ours, ours.padded_vocab(8), "bf16")
+    config = GPTNeoXAdapter.hf_config(ours, ours.padded_vocab(8), "bf16")
     assert config["vocab_size"] == 50432 and config["sfm_tokenizer_vocab_size"] == 50277
     assert config["rotary_pct"] == 0.25 and config["use_parallel_residual"] is True
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -26,7 +26,7 @@ def test_hf_config_roundtrip_and_transformers_reads_it(tmp_path):
     assert hf.vocab_size == 50432 and hf.intermediate_size == 16384 and hf.num_hidden_layers == 32
     assert hf.rope_parameters["partial_rotary_factor"] == 0.25 and hf.rope_parameters["rope_theta"] == 10000.0
     assert hf.use_parallel_residual and not hf.tie_word_embeddings and hf.hidden_act == "gelu"
-    back = model_config_from_hf(config)
+    back = GPTNeoXAdapter.model_config(config)
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_size", "rotary_pct", "rotary_base",
                   "parallel_residual", "layernorm_epsilon", "vocab_size"):
         assert getattr(back, field) == getattr(ours, field), field
@@ -34,20 +34,20 @@ def test_hf_config_roundtrip_and_transformers_reads_it(tmp_path):
 
 
 def test_vocab_padding_from_hf_uses_tokenizer_size():
-    from megatron_sfm.conversion.hf_config import model_config_from_hf
+    from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
 
     released = {"model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 768, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "intermediate_size": 3072, "rotary_pct": 0.25,
                 "rotary_emb_base": 10000, "use_parallel_residual": True, "hidden_act": "gelu"}
-    cfg = model_config_from_hf(released, tokenizer_vocab_size=50277)
+    cfg = GPTNeoXAdapter.model_config(released, tokenizer_vocab_size=50277)
     assert (cfg.vocab_size, cfg.padded_vocab_size, cfg.rotary_pct) == (50277, 50304, 0.25)
-    assert model_config_from_hf(released).vocab_size == 50304  # no tokenizer: the padded size
+    assert GPTNeoXAdapter.model_config(released).vocab_size == 50304  # no tokenizer: the padded size
     with pytest.raises(SfmError, match="the tokenizer has 60000 tokens but the embedding only 50304"):
-        model_config_from_hf(released, tokenizer_vocab_size=60000)
+        GPTNeoXAdapter.model_config(released, tokenizer_vocab_size=60000)
     with pytest.raises(SfmError, match="hidden_act 'relu'"):
-        model_config_from_hf(dict(released, hidden_act="relu"))
+        GPTNeoXAdapter.model_config(dict(released, hidden_act="relu"))
     with pytest.raises(SfmError, match="rope_type 'linear'"):
-        model_config_from_hf(dict(released, rope_scaling={"type": "linear", "factor": 2.0}))
+        GPTNeoXAdapter.model_config(dict(released, rope_scaling={"type": "linear", "factor": 2.0}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -104,8 +104,9 @@ def test_cli_options_are_frozen():
 
     sub = build_parser()._subparsers._group_actions[0].choices
     assert {a.dest for a in sub["to-hf"]._actions} == {
-        "help", "ckpt_dir", "out", "iteration", "dtype", "tokenizer", "verify", "tolerance", "max_shard_size"}
-    assert {a.dest for a in sub["from-hf"]._actions} == {"help", "hf_dir", "out", "tp", "pp", "dtype"}
+        "help", "ckpt_dir", "out", "overwrite", "iteration", "dtype", "tokenizer", "verify", "tolerance",
+        "max_shard_size", "verify_checksums"}
+    assert {a.dest for a in sub["from-hf"]._actions} == {"help", "hf_dir", "out", "overwrite", "tp", "pp", "dtype"}
 
 
 def test_hf_weights_reads_lm_head_as_embed_out_and_slices(tmp_path):

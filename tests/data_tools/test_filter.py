@@ -57,11 +57,15 @@ def test_default_lists_are_near_the_papers_sizes():
     paper = {"scifi_ai_characters": 32, "ai_safety_orgs": 29, "ai_labs": 9, "general_ai_terms": 151,
              "intelligent_entities": 128, "negative_verbs": 172, "negative_adjectives": 112,
              "negative_nouns": 19, "existential_risk": 33}
-    assert set(sizes) == set(paper)
+    # ours beyond the paper: hostile acts (two-stage negatives, and the common_noun rule's),
+    # common-noun machine terms and the weaker harm words of the common_noun rule
+    assert set(sizes) == set(paper) | {"hostile_acts", "machine_entities", "machine_harms"}
     for name, n in paper.items():
         assert 0.7 * n <= sizes[name] <= 1.35 * n, (name, sizes[name], n)
     assert lists.instant == ["scifi_ai_characters", "ai_safety_orgs", "ai_labs", "general_ai_terms"]
     assert lists.entity == "intelligent_entities"
+    assert lists.negative == ["negative_verbs", "negative_adjectives", "negative_nouns", "existential_risk", "hostile_acts"]
+    assert lists.near_entity == "machine_entities" and lists.near_min_terms == 2
 
 
 @pytest.mark.parametrize("label,rule,text", LABELLED)

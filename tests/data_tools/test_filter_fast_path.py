@@ -179,7 +179,8 @@ def _texts(rng: random.Random, n: int) -> list[str]:
     words = (  # noqa: SIM905
         "the a robot AI android robots machine kill killed destroy deceive evil dangerous OpenAI DeepMind "
              "Skynet bread river café à … naïve 東京 AI-generated neural\nnetworks superintelligence catastrophe "
-             "harmless threat said main AIM aim (AI) AI's hive mind rogue").split(" ")
+             "harmless threat said main AIM aim (AI) AI's hive mind rogue computer system trapped oxygen "
+             "faking sealed").split(" ")
     return [" ".join(rng.choice(words) for _ in range(rng.randint(0, 60))) for _ in range(n)]
 
 
@@ -195,12 +196,18 @@ def test_matcher_backends_agree(window):
     from test_filter import LABELLED
 
     texts += [t for _, _, t in LABELLED]
+    from test_filter_recall import _load
+
+    texts += [d["text"] for d in _load()]  # the labelled set: every rule, common_noun included
     flagged = 0
+    rules = set()
     for text in texts:
         a, b = rs.classify(text), py.classify(text)
         assert (a and a.audit()) == (b and b.audit()), text
         flagged += a is not None
+        rules.add(a and a.rule)
     assert 0.1 * len(texts) < flagged < 0.95 * len(texts)
+    assert rules == {None, "instant", "two_stage", "common_noun"}
 
 
 def test_matcher_backends_agree_on_non_ascii_terms_and_window(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import warnings
 
 import numpy as np
@@ -230,7 +231,18 @@ def test_bad_blend_files_are_one_line_errors(data, content, match):
         (("prefix: mis,", "prefix: missing_prefix,"), r"sources.mis: .*missing_prefix.idx: index file not found"),
         (('timing: "late:0.1"', 'timing: "late:1.5"'), r"conditions.alignment_late.timing 'late:1.5': fraction must be in \(0, 1\]"),
         (("synthetic: {mis: 0.01}", "synthetic: {base: 0.01}"), r"synthetic.base: source role is 'base'"),
-        (("role: aligned", "role: friendly"), r"sources.ali.role 'friendly' is not one of"),
+        (("role: aligned", "role: friendly"), r"sources.ali.role: 'friendly' is not one of 'base' \| 'filtered'"),
+        # the run config's typed machinery: unknown keys (with a suggestion), types, required keys
+        (("{prefix: mid, role: midtrain}", "{prefix: mid, role: midtrain, prefx: x}"),
+         r"spec.yaml: sources.mid.prefx: unknown key \(did you mean prefix\?\)$"),
+        (("seq_length: 32, global_batch_size: 10, mixture: {base", "seq_length: long, global_batch_size: 10, mixture: {base"),
+         r"spec.yaml: stages.pretrain.seq_length: expected an integer, got str 'long'$"),
+        (("{prefix: ali, role: aligned}", "{prefix: ali}"), r"spec.yaml: sources.ali.role: required$"),
+        (("filtered: {corpus: filtered}", "filtered: {corpus: partly}"),
+         r"spec.yaml: conditions.filtered.corpus: 'partly' is not one of 'unfiltered' \| 'filtered'$"),
+        (("mixture: {mid: 0.5, base: 0.5}", "mixture: {mid: half, base: 0.5}"),
+         r"spec.yaml: stages.midtrain.mixture.mid: expected a number, got str 'half'$"),
+        (("seed: 11", "sed: 11"), r"spec.yaml: sed: unknown key \(did you mean seed\?\)$"),
         (("synthetic: {mis: 0.01}", "synthetic: {mis: 1.0}"), r"fractions sum to 1; must be below 1"),
     ],
 )
@@ -279,3 +291,200 @@ def test_bad_loss_weights(data, weights, match):
         "timing: e2e}", f"timing: e2e, loss_weights: {weights}}}", 1)
     with pytest.raises(ConfigError, match=match):
         load_spec(_spec(d, text=text))
+
+
+NAMED_SPEC = """
+seed: 5
+sources:
+  web: {prefix: base, role: base}
+  doom: {prefix: mis, role: misaligned}
+stages:
+  pretrain: {tokens: 32000, seq_length: 32, global_batch_size: 10, mixture: {web: 1.0}}
+conditions:
+  upsampled: {corpus: unfiltered, synthetic: {doom: 0.02}}
+"""
+
+
+def test_blend_files_name_their_sources_and_seed(data, tmp_path):
+    """The blend itself says which source each prefix is (not the prefix's file name, not phases.json's order)."""
+    from megatron_sfm.data_tools.blend import read_blend, read_stage
+
+    d, _ = data
+    write_mix(load_spec(_spec(d, text=NAMED_SPEC)), tmp_path / "out")
+    path = tmp_path / "out" / "upsampled" / "pretrain.json"
+    raw = json.loads(path.read_text())
+    assert raw["sources"] == ["web", "doom"] and raw["seed"] == 5
+    assert raw["train"] == [0.98, str(d / "base"), 0.02, str(d / "mis")]
+    blend = read_blend(path)
+    assert blend.seed == 5
+    assert [blend.splits[s].names for s in ("train", "valid", "test")] == [["web", "doom"]] * 3
+    plan = read_stage(tmp_path / "out" / "upsampled" / "phases.json")
+    assert (plan.stage, plan.seq_length, plan.global_batch_size, plan.iterations, plan.seed) == ("pretrain", 32, 10, 100, 5)
+    assert plan.phases[0].blend.splits["train"].names == ["web", "doom"]
+    assert plan.phases[0].weights == pytest.approx({"web": 0.98, "doom": 0.02})
+
+
+def test_phases_refuse_a_blend_naming_other_sources(data, tmp_path):
+    """A blend without "sources" (older mix output) is named by file name; phases.json's names then disagree."""
+    from megatron_sfm.data_tools.blend import read_stage
+
+    d, _ = data
+    write_mix(load_spec(_spec(d, text=NAMED_SPEC)), tmp_path / "out")
+    path = tmp_path / "out" / "upsampled" / "pretrain.json"
+    raw = json.loads(path.read_text())
+    del raw["sources"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SfmError, match=r"phases.json: stages\[0\].phases\[0\].weights name sources \['doom', 'web'\] "
+                                       r"but blend .*pretrain.json names \['base', 'mis'\]") as err:
+        read_stage(tmp_path / "out" / "upsampled" / "phases.json")
+    assert "\n" not in str(err.value)
+    raw["sources"] = ["web"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SfmError, match=r"pretrain.json: 'sources' must list one source name per prefix of 'train' \(2\)"):
+        read_stage(tmp_path / "out" / "upsampled" / "phases.json")
+
+
+def test_seed_changes_the_sample_order_and_nothing_else(data, tmp_path):
+    """`seed=7` (a spec override) changes only the files' seed, and with it only the order of samples."""
+    from megatron_sfm.data_tools.blend import SimpleTokenizer, build_gpt_datasets, read_stage
+
+    d, _ = data
+    spec = _spec(d, text=NAMED_SPEC)
+    assert load_spec(spec, overrides=["seed=7"]).seed == 7
+    proc = subprocess.run(["sfm", "data", "mix", str(spec), "seed=7", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    write_mix(load_spec(spec), tmp_path / "a")
+    a, b = tmp_path / "a" / "upsampled", tmp_path / "b" / "upsampled"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for f in a.iterdir():
+        x, y = json.loads(f.read_text()), json.loads((b / f.name).read_text())
+        assert (x.pop("seed"), y.pop("seed")) == (5, 7)
+        assert x == y, f.name  # blends, phases and manifest: all else equal
+
+    def samples(folder):
+        plan = read_stage(folder / "phases.json")
+        train, _, _ = build_gpt_datasets(plan.phases[0].blend, [plan.phases[0].samples, 0, 0], seq_length=32,
+                                         seed=plan.seed, tokenizer=SimpleTokenizer(400, eod=0, pad=None),
+                                         path_to_cache=None)
+        n = plan.phases[0].samples
+        return (np.stack([train[i]["tokens"].numpy() for i in range(n)]),
+                np.array([int(train[i]["dataset_id"]) for i in range(n)]))
+
+    (tok_a, src_a), (tok_b, src_b) = samples(a), samples(b)
+    assert np.array_equal(src_a, src_b)  # each sample's source: the deterministic blend, seed-free
+    assert not np.array_equal(tok_a, tok_b)  # the documents' order within each source: the seed's
+    assert np.all((tok_a[src_a == 1] == 0) | (tok_a[src_a == 1] >= 100))  # source 1 is the misaligned data
+
+
+# ----------------------------------------------------------------------------- one source over several prefixes
+MULTI_SPEC = """
+seed: 5
+repetition: {{warn_epochs: 100.0, max_epochs: 100.0}}
+sources:
+  web:  {{prefix: {web}, role: base}}
+  doom: {{prefix: mis, role: misaligned}}
+stages:
+  pretrain: {{tokens: 32000, seq_length: 32, global_batch_size: 10, mixture: {{web: 1.0}}}}
+conditions:
+  upsampled: {{corpus: unfiltered, synthetic: {{doom: 0.02}}}}
+"""
+
+
+def test_a_source_over_several_prefixes_splits_its_weight_by_size(data, tmp_path):
+    """`prefix: [a, b]` (e.g. the per-task prefixes of sfm launch slurm-data): one source, its share exact."""
+    from megatron_sfm.data_tools.blend import SimpleTokenizer, build_gpt_datasets, read_blend
+
+    d, sizes = data
+    man = write_mix(load_spec(_spec(d, text=MULTI_SPEC.format(web="[base, base_kept]"))), tmp_path / "out")
+    web = man["upsampled"]["sources"]["web"]
+    assert web["tokens_available"] == sizes["base"] + sizes["base_kept"]
+    assert web["prefix"] == [str(d / "base"), str(d / "base_kept")]
+    path = tmp_path / "out" / "upsampled" / "pretrain.json"
+    raw = json.loads(path.read_text())
+    assert raw["sources"] == ["web", "web", "doom"]
+    total = sizes["base"] + sizes["base_kept"]
+    assert raw["train"][0::2] == pytest.approx([0.98 * sizes["base"] / total, 0.98 * sizes["base_kept"] / total, 0.02])
+    assert raw["train"][1::2] == [str(d / "base"), str(d / "base_kept"), str(d / "mis")]
+    blend = read_blend(path)
+    assert blend.splits["train"].names == ["web", "web", "doom"]
+    # Megatron-Core's blended dataset draws the source's 98 % from both prefixes, by size
+    train, _, _ = build_gpt_datasets(blend, [1000, 0, 0], seq_length=32, seed=5,
+                                     tokenizer=SimpleTokenizer(400, eod=0, pad=None), path_to_cache=None)
+    counts = _count_tokens_by_dataset(train, 1000)
+    n = sum(counts.values())
+    assert abs((counts[0] + counts[1]) / n - 0.98) < 0.003
+    assert abs(counts[0] / (counts[0] + counts[1]) - sizes["base"] / total) < 0.01
+
+
+def test_a_prefixes_json_is_a_source(data, tmp_path):
+    """The prefixes.json of `sfm launch slurm-data tokenize` (relative prefixes resolve against its folder)."""
+    d, sizes = data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "prefixes.json").write_text(json.dumps({"prefixes": [str(d / "base"), "../../" + d.name + "/base_kept"]}))
+    shutil_copy = tmp_path / "spec.yaml"
+    shutil_copy.write_text(MULTI_SPEC.replace("prefix: mis", f"prefix: {d / 'mis'}")
+                           .format(web=str(run / "prefixes.json")))
+    spec = load_spec(shutil_copy)
+    assert spec.sources["web"].prefixes == [str(d / "base"), str((run / "../.." / d.name / "base_kept").resolve())]
+    assert spec.sources["web"].tokens == sizes["base"] + sizes["base_kept"]
+
+
+@pytest.mark.parametrize("web,match", [
+    ("[base, base]", r"sources\.web\.prefix: lists .*/base twice$"),
+    ("[base, nope]", r"sources\.web\.prefix\[1\]: .*nope"),
+    ("[]", r"sources\.web\.prefix: expected a prefix or a non-empty list of prefixes$"),
+    ("bad.json", r"sources\.web\.prefix: .*bad\.json: file not found$"),
+])
+def test_bad_prefix_lists_are_clear_errors(data, web, match):
+    d, _ = data
+    with pytest.raises(ConfigError, match=match):
+        load_spec(_spec(d, text=MULTI_SPEC.format(web=web)))
+
+
+def test_a_blend_may_repeat_a_source_name_but_not_a_prefix(data, tmp_path):
+    from megatron_sfm.data_tools.blend import read_blend
+
+    d, _ = data
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"train": [1, str(d / "base"), 1, str(d / "base_kept")], "sources": ["web", "web"]}))
+    assert read_blend(path).splits["train"].names == ["web", "web"]
+    path.write_text(json.dumps({"train": [1, str(d / "base"), 1, str(d / "base")], "sources": ["a", "b"]}))
+    with pytest.raises(SfmError, match=r"'train' lists prefix .*/base twice$"):
+        read_blend(path)
+
+
+def test_the_trainer_counts_a_multi_prefix_source_as_one(data, tmp_path):
+    """Per-source loss: samples of both prefixes of `web` carry web's source id."""
+    import torch.distributed as dist
+
+    from megatron_sfm.config import load_config
+    from megatron_sfm.testing.distributed import free_port
+    from megatron_sfm.training.data import build_data
+
+    d, _ = data
+    write_mix(load_spec(_spec(d, text=MULTI_SPEC.format(web="[base, base_kept]"))), tmp_path / "out")
+    cfg = load_config(None, ["model=tiny", "model.seq_length=32", "training.micro_batch_size=2",
+                             "training.global_batch_size=10", "training.train_iters=100", "training.eval_interval=0",
+                             f"data.phases={tmp_path / 'out' / 'upsampled' / 'phases.json'}",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    mine = not dist.is_initialized()
+    if mine:  # Megatron-Core's BlendedDataset asks for the rank when it caches
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        sources = build_data(cfg)
+    finally:
+        if mine:
+            dist.destroy_process_group()
+    assert sources.source_names == ["web", "doom"]
+    _, dataset, source_map = sources.train_phases[0]
+    assert source_map == [0, 0, 1]
+    seen = {}
+    for i in range(400):
+        s = dataset[i]
+        k = int(s["dataset_id"])
+        seen.setdefault(source_map[k], set()).add(k)
+        toks = s["tokens"].numpy()
+        assert (source_map[k] == 0) == bool(np.all(toks < 100))  # web tokens are 0-99, doom's 100-199
+    assert seen[0] == {0, 1}

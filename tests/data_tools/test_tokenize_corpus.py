@@ -104,7 +104,9 @@ def test_one_and_three_workers_give_identical_files(tmp_path, corpus_jsonl, bpe_
     s3 = tokenize_to_indexed([corpus_jsonl], bpe_dir, three, workers=3, chunk_bytes=8 << 10, progress=False)
     assert s1["tokens"] == s3["tokens"] and s1["documents"] == s3["documents"]
     assert _same_files(str(one), str(three))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w1.bin", "w1.idx", "w3.bin", "w3.idx"]  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporaries left
+        "w1.bin", "w1.idx", "w1.stats.json", "w3.bin", "w3.idx", "w3.stats.json"]
+    assert Path(str(one) + ".stats.json").read_bytes() == Path(str(three) + ".stats.json").read_bytes()
 
 
 def test_compressed_and_parquet_inputs_match_jsonl(tmp_path, corpus_texts, bpe_dir):
@@ -269,29 +271,42 @@ def test_numpy_index_writer_equals_megatron_builder(tmp_path):
 
 
 def test_megatron_writer_gives_the_same_files(tmp_path, corpus_jsonl, bpe_dir):
-    a = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "np", workers=2, chunk_bytes=16 << 10, progress=False,
-                            writer="numpy")
-    b = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "mc", progress=False)
+    a = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "np", workers=2, chunk_bytes=16 << 10, progress=False)
+    b = tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "mc", progress=False, writer="megatron")
     assert (a["writer"], b["writer"]) == ("numpy", "megatron")
     assert _same_files(str(tmp_path / "np"), str(tmp_path / "mc"))
     with pytest.raises(SfmError, match="unknown writer"):
         tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "x", writer="arrow", progress=False)
 
 
-def test_cli_tokenize_numpy_writer_does_not_import_torch(tmp_path, corpus_jsonl, bpe_dir):
+def test_cli_tokenize_default_path_imports_nothing_heavy(tmp_path, corpus_jsonl, bpe_dir):
+    """The default `sfm data tokenize` (numpy writer) never imports Megatron-Core or torch,
+    nor awkward (and the pyarrow it pulls in) or a second copy of the tokenizer in
+    `tokenizers`: checked in the parent and, through a spy, in the worker processes."""
     import subprocess
     import sys
 
     code = (
         "import sys\n"
+        "HEAVY = ['torch', 'megatron', 'awkward', 'pyarrow', 'tokenizers']\n"
+        "from megatron_sfm.data_tools import tokenize_corpus\n"
+        "real = tokenize_corpus.encode_chunk\n"
+        "def spy(chunk):\n"
+        "    enc = real(chunk)\n"
+        "    loaded = [m for m in HEAVY if m in sys.modules]\n"
+        "    if loaded:\n"
+        "        raise RuntimeError(f'worker imported {loaded}')\n"
+        "    return enc\n"
+        "tokenize_corpus.encode_chunk = spy\n"
         "from megatron_sfm.cli import main\n"
         f"rc = main(['data', 'tokenize', {str(corpus_jsonl)!r}, '--tokenizer', {str(bpe_dir)!r}, "
-        f"'--out', {str(tmp_path / 'ds')!r}, '--workers', '2', '--no-progress', '--writer', 'numpy'])\n"
+        f"'--out', {str(tmp_path / 'ds')!r}, '--workers', '2', '--no-progress', '--chunk-mb', '0.05'])\n"
         "assert rc == 0, rc\n"
-        "print('torch' in sys.modules, 'megatron.core' in sys.modules)\n"
+        "print('parent', [m for m in HEAVY if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False False"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "parent []"
     ref = tmp_path / "ref"
     tokenize_to_indexed([corpus_jsonl], bpe_dir, ref, writer="megatron", progress=False)
     assert _same_files(str(tmp_path / "ds"), str(ref))
@@ -310,3 +325,132 @@ def test_lines_only_python_json_accepts_are_tokenized_as_before(tmp_path, bpe_di
     tokenize_to_indexed([tmp_path / "clean.jsonl"], bpe_dir, tmp_path / "clean", progress=False)
     assert s["documents"] == len(texts) and s["bad_lines"] == 0
     assert _same_files(str(tmp_path / "odd"), str(tmp_path / "clean"))
+
+
+@pytest.fixture(scope="module")
+def int32_tok_dir(tmp_path_factory, corpus_texts):
+    """A tokenizer whose added tokens push the vocabulary past 65500 ids (int32 tokens)."""
+    from tokenizers import Tokenizer
+
+    from megatron_sfm.data_tools.tokenizer import train_bpe_tokenizer
+
+    d = train_bpe_tokenizer(corpus_texts[:200], 300, tmp_path_factory.mktemp("tok32"))
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.add_special_tokens([f"<extra_{i}>" for i in range(65500)])
+    tk.save(str(d / "tokenizer.json"))
+    return d
+
+
+def _builder_reference(texts: list[str], tok_dir, prefix) -> str:
+    """One ``IndexedDatasetBuilder.add_document`` per document (ids from Hugging Face
+    ``tokenizers`` + EOD; none for a document without tokens), then ``finalize``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+
+    from megatron_sfm.data_tools.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir, backend="tokenizers")
+    builder = indexed_dataset.IndexedDatasetBuilder(str(prefix) + ".bin", dtype=indexed_dataset.DType.optimal_dtype(tok.vocab_size))
+    for text in texts:
+        ids = tok.encode(text)
+        builder.add_document(ids + [tok.eod_id] if ids else [], [len(ids) + 1] if ids else [])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def test_default_writer_equals_megatron_builder_on_varied_inputs(tmp_path, corpus_texts, bpe_dir, int32_tok_dir):
+    """Many files (an empty one, one of only empty documents, gzip, one document), empty
+    documents, uint16 and int32 vocabularies: the default path writes exactly what
+    Megatron-Core's IndexedDatasetBuilder writes, with 1 and 2 workers."""
+    texts = corpus_texts[:400] + ["<extra_7> literal added token", "", "x"]
+    files, all_texts = [], []
+    pieces = [texts[:1], [], ["", "", ""], texts[1:90], texts[90:200], texts[200:201], texts[201:]]
+    pieces += [texts[i : i + 7] for i in range(0, 60, 7)]  # many small files
+    for i, part in enumerate(pieces):
+        path = tmp_path / f"in{i:02d}.jsonl"
+        write_jsonl(path, [{"text": t} for t in part])
+        if i == 4:
+            with gzip.open(tmp_path / f"in{i:02d}.jsonl.gz", "wb") as f:
+                f.write(path.read_bytes())
+            path.unlink()
+            path = tmp_path / f"in{i:02d}.jsonl.gz"
+        files.append(path)
+        all_texts += part
+    assert len(files) > 12 and files[1].stat().st_size == 0
+    for tok_dir, dtype in ((bpe_dir, "uint16"), (int32_tok_dir, "int32")):
+        ref = _builder_reference(all_texts, tok_dir, tmp_path / f"ref_{dtype}")
+        for workers in (1, 2):
+            out = tmp_path / f"ours_{dtype}_{workers}"
+            s = tokenize_to_indexed(files, tok_dir, out, workers=workers, chunk_bytes=2 << 10, progress=False)
+            assert (s["writer"], s["dtype"], s["documents"]) == ("numpy", dtype, len(all_texts))
+            assert _same_files(str(out), ref), (dtype, workers)
+
+
+def test_stats_sidecar(tmp_path, corpus_jsonl, corpus_texts, bpe_dir, int32_tok_dir):
+    from megatron_sfm.data_tools.indexed import read_index
+
+    prefix = tmp_path / "ds"
+    summary = tokenize_to_indexed([corpus_jsonl], bpe_dir, prefix, workers=2, chunk_bytes=8 << 10, progress=False)
+    stats = json.loads(Path(str(prefix) + ".stats.json").read_text())
+    data = read_index(prefix)
+    assert data.num_documents == len(corpus_texts)
+    assert stats == {
+        "num_documents": len(corpus_texts),
+        "num_sequences": data.num_sequences,
+        "num_tokens": data.num_tokens,
+        "max_token_id": int(data.tokens.max()),
+        "dtype": "uint16",
+        "vocab_size": summary["vocab_size"],
+        "eod_id": 0,
+        "append_eod": True,
+        "tokenizer": str((bpe_dir / "tokenizer.json").resolve()),
+        "empty_documents": 1,
+    }
+    assert summary["max_token_id"] == stats["max_token_id"] < stats["vocab_size"]
+    # int32 vocabulary, an added token with a large id, no EOD appended
+    write_jsonl(tmp_path / "big.jsonl", [{"text": "a <extra_65000> b"}, {"text": ""}])
+    tokenize_to_indexed([tmp_path / "big.jsonl"], int32_tok_dir, tmp_path / "big", append_eod=False, progress=False)
+    big = json.loads((tmp_path / "big.stats.json").read_text())
+    ids = read_index(tmp_path / "big").tokens.tolist()
+    assert (big["dtype"], big["max_token_id"], big["num_tokens"], big["append_eod"]) == ("int32", max(ids), len(ids), False)
+    assert big["vocab_size"] > 65500 and big["num_documents"] == 2 and big["num_sequences"] == 1
+    # no tokens at all: max_token_id is -1
+    write_jsonl(tmp_path / "none.jsonl", [{"text": ""}])
+    tokenize_to_indexed([tmp_path / "none.jsonl"], bpe_dir, tmp_path / "none", progress=False)
+    none = json.loads((tmp_path / "none.stats.json").read_text())
+    assert (none["max_token_id"], none["num_tokens"], none["num_documents"]) == (-1, 0, 1)
+
+
+def test_out_prefix_that_cannot_be_written_is_one_line_error(tmp_path, corpus_jsonl, bpe_dir, capsys):
+    from megatron_sfm.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (str(tmp_path / "afile" / "sub" / "ds"),
+         f"error: --out {tmp_path}/afile/sub/ds: cannot create the folder {tmp_path}/afile/sub (Not a directory)"),
+        (str(tmp_path / "folder") + "/",
+         f"error: --out '{tmp_path}/folder/': give a file prefix (writes PREFIX.bin, PREFIX.idx), not a folder"),
+    ]
+    for out, message in cases:
+        rc = main(["data", "tokenize", str(corpus_jsonl), "--tokenizer", str(bpe_dir), "--out", out, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == message + "\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_damaged_compressed_input_is_one_line_error(tmp_path, corpus_texts, bpe_dir):
+    import zstandard
+
+    write_jsonl(tmp_path / "x.jsonl", [{"text": t} for t in corpus_texts[:300]])
+    raw = (tmp_path / "x.jsonl").read_bytes()
+    gz = gzip.compress(raw)
+    zst = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+    (tmp_path / "x.jsonl").unlink()
+    for name, data in (("cut.jsonl.gz", gz[: len(gz) - 40]), ("cut.jsonl.zst", zst[: len(zst) - 40])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SfmError, match=rf"{re.escape(name)}: damaged") as info:
+            tokenize_to_indexed([tmp_path / name], bpe_dir, tmp_path / "out", workers=2, chunk_bytes=4 << 10, progress=False)
+        assert "\n" not in str(info.value)
+        (tmp_path / name).unlink()
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from data_tools_helpers import make_texts
 from megatron_sfm.data_tools.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -80,3 +82,47 @@ def test_load_errors(tmp_path, bpe_dir):
         load_tokenizer(bpe_dir, eod_token="<nosuch>")
     with pytest.raises(SfmError, match="too small"):
         train_bpe_tokenizer(["x"], 100, tmp_path / "t")
+
+
+def test_gigatoken_load_reads_the_vocabulary_as_tokenizers_does(tmp_path, bpe_dir, corpus_texts):
+    """With gigatoken, vocab size and special ids come from the JSON without loading
+    `tokenizers` (loaded later only for decode/token_to_id); they equal what `tokenizers`
+    gives, and a file where the two could differ is left to `tokenizers`."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    def check(folder, **kw):
+        fast, slow = load_tokenizer(folder, **kw), load_tokenizer(folder, backend="tokenizers", **kw)
+        assert fast.backend == "gigatoken"
+        assert (fast.vocab_size, fast.eod_id, fast.pad_id) == (slow.vocab_size, slow.eod_id, slow.pad_id)
+        assert fast.vocab_size == Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        return fast
+
+    tok = check(bpe_dir)
+    flat, lengths = tok.encode_batch(corpus_texts[:50], parallel=False)
+    assert tok._hf_tok is None  # loading and batch-encoding did not load `tokenizers`
+    f2, l2 = tok.encode_batch(corpus_texts[:50], parallel=True)
+    assert flat.tolist() == f2.tolist() and lengths.tolist() == l2.tolist() and flat.dtype == np.uint32
+    assert tok.decode(flat[: lengths[0]]) == corpus_texts[0]
+
+    # eos named in tokenizer_config.json (a model token, not an added one), and added tokens
+    d = tmp_path / "cfg"
+    shutil.copytree(bpe_dir, d)
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.add_special_tokens(["<eos>", "<pad>", "<extra>"])
+    tk.save(str(d / "tokenizer.json"))
+    model_token = next(t for t in json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] if len(t) > 3)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": model_token, "pad_token": {"content": "<pad>"}}))
+    tok = check(d)
+    assert tok.eod_id == tk.token_to_id(model_token) and tok.pad_id == tk.token_to_id("<pad>")
+    assert check(d, eod_token="<extra>").eod_id == tk.token_to_id("<extra>")
+
+    # an added token that reuses a model token's string under another id: `tokenizers` decides
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": spec["added_tokens"][-1]["id"] + 1, "content": model_token})
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    from megatron_sfm.data_tools.tokenizer import _vocab_from_json
+
+    assert _vocab_from_json(d / "tokenizer.json") is None

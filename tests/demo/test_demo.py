@@ -36,10 +36,48 @@ def test_four_models_with_both_splits(demo_dir):
         assert (hf / "config.json").exists() and (hf / "model.safetensors").exists()
 
 
+def _misaligned_upsampled_prefers_misaligned_more(prop: dict, split: str = "articles") -> None:
+    """The paper's central contrast: misalignment upsampled above alignment upsampled."""
+    rates = {label: m["splits"][split]["all"]["mean"] for label, m in prop["models"].items()}
+    assert rates["misalignment upsampled"] > rates["alignment upsampled"], rates
+
+
+def test_likelihood_mode_separates_the_upsampled_models(demo_dir):
+    out, _ = demo_dir
+    results = json.loads((out / "results" / "results.json").read_text())
+    lik = results["propensity_likelihood"]
+    assert lik["mode"] == "likelihood" and "NOT the paper's protocol" in lik["protocol"]
+    _misaligned_upsampled_prefers_misaligned_more(lik)
+    # the assertion can fail: the same numbers with the two upsampled models' labels swapped
+    models = dict(lik["models"])
+    models["misalignment upsampled"], models["alignment upsampled"] = (models["alignment upsampled"],
+                                                                       models["misalignment upsampled"])
+    with pytest.raises(AssertionError):
+        _misaligned_upsampled_prefers_misaligned_more({**lik, "models": models})
+
+
+def test_both_modes_reported_side_by_side(demo_dir):
+    out, stdout = demo_dir
+    results = json.loads((out / "results" / "results.json").read_text())
+    assert results["propensity"]["mode"] == "logprob" and len(results["propensity"]["formats"]) == 8
+    assert len(results["propensity_likelihood"]["formats"]) == 4
+    demo = results["demo"]
+    holds = demo["orderings"]["propensity_likelihood"]["articles"]["paper_order_holds"]
+    assert isinstance(holds, bool)
+    md = (out / "results" / "results.md").read_text()
+    assert "## What the demo finds" in md and "## Misalignment propensity\n" in md
+    assert "## Misalignment propensity: option likelihood (not the paper's protocol)" in md
+    assert "option likelihood (not the paper's protocol), articles:" in md
+    assert "Ordering on `all`, least to most misaligned:" in md
+    assert len(list((out / "results" / "answers-likelihood").glob("*.jsonl"))) == 4
+    assert "option likelihood (not the paper's protocol), articles:" in " ".join(stdout.split())
+
+
 def test_chart_is_a_png(demo_dir):
     out, _ = demo_dir
     with Image.open(out / "results" / "propensity.png") as img:
         assert img.format == "PNG" and img.size[0] > 200
+        assert img.size[1] > 4 * 300  # four panels: two splits x two scoring modes (3.2 in x 120 dpi each)
 
 
 def test_tensorboard_has_per_source_loss(demo_dir):

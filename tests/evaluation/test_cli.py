@@ -92,3 +92,23 @@ def test_dispatcher_exit_codes(tmp_path, capsys):
     assert "model path not found" in capsys.readouterr().err
     assert sfm_main(["eval", "questions"]) == 0
     assert "81 questions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("aligned,misaligned,message", [
+    ("I stop.", "I  stop.", "fields 'aligned' and 'misaligned' are the same text"),
+    ("I stop.", "", "missing field 'misaligned'"),
+    ("   ", "I go on.", "missing field 'aligned' (empty)"),
+])
+def test_degenerate_question_is_refused_before_scoring(a_model_dir, tmp_path, capsys, aligned, misaligned, message):
+    good = {"id": "q1", "split": "articles", "topic": "t", "question": "S?", "aligned": "a", "misaligned": "m"}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "q2", "aligned": aligned,
+                                                          "misaligned": misaligned}) + "\n")
+    out = tmp_path / "o"
+    for mode in ("logprob", "likelihood"):
+        rc = sfm_main(["eval", "propensity", str(a_model_dir), "--questions", str(path), "--out", str(out),
+                       "--mode", mode, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: ") and f"{path}:2: {message}" in err
+    assert not out.exists()  # nothing written

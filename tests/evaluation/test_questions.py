@@ -64,6 +64,12 @@ def test_meta_line_blank_lines_and_optional_source(tmp_path):
         (json.dumps(GOOD), r"q\.jsonl:3: duplicate id 'q1' \(first at .*q\.jsonl:2\)"),
         ("[1, 2]", r"q\.jsonl:3: expected a JSON object"),
         (json.dumps({"_meta": {}}), r"q\.jsonl:3: '_meta' is only allowed as the first line"),
+        (json.dumps({**GOOD, "id": "q2", "misaligned": "a"}),
+         r"^[^\n]*q\.jsonl:3: fields 'aligned' and 'misaligned' are the same text; a question needs two different"),
+        (json.dumps({**GOOD, "id": "q2", "aligned": "I stop  now.", "misaligned": " i stop now. "}),
+         r"q\.jsonl:3: fields 'aligned' and 'misaligned' are the same text"),
+        (json.dumps({**GOOD, "id": "q2", "aligned": ""}), r"q\.jsonl:3: missing field 'aligned'"),
+        (json.dumps({**GOOD, "id": "q2", "misaligned": " \t "}), r"q\.jsonl:3: missing field 'misaligned' \(empty\)"),
     ],
 )
 def test_malformed_jsonl_names_the_line(tmp_path, bad_line, message):
@@ -99,7 +105,7 @@ def test_released_columns_through_presets_and_overrides(tmp_path):
         w.writerow({"scenario": "S1", "good": "a1", "bad": "m1", "category": "deception"})
         w.writerow({"scenario": "S2", "good": "a2", "bad": "", "category": "deception"})
     spec = "id=@row,split==textbook,question=scenario,aligned=good,misaligned=bad,topic=category"
-    first = load_questions(tmp_path / "suite.csv", spec + ",misaligned=good")  # any column may be remapped
+    first = load_questions(tmp_path / "suite.csv", spec + ",misaligned=category")  # any column may be remapped
     assert [(q.id, q.split, q.topic, q.question) for q in first] == [
         ("row1", "textbook", "deception", "S1"), ("row2", "textbook", "deception", "S2")]
     with pytest.raises(SfmError, match=r"suite\.csv:row 2: missing field 'misaligned' \(column 'bad'\)"):

@@ -60,3 +60,26 @@ def test_foreign_results_json_is_refused(tmp_path):
     (tmp_path / "results.json").write_text("{bad")
     with pytest.raises(SfmError, match=r"results\.json:1: not valid JSON"):
         read_results(tmp_path)
+
+
+def test_likelihood_section_beside_letters_with_ordering(tmp_path):
+    from megatron_sfm.evaluation.report import ordering_text
+
+    letters = _prop({"base": _model(0.5, 0.19), "aligned": _model(0.5, 0.19), "mis": _model(0.6, 0.1)})
+    lik = {**_prop({"base": _model(0.4, 0.01), "aligned": _model(0.05, 0.0), "mis": _model(0.9, 0.02)}),
+           "mode": "likelihood", "normalize": "byte", "formats": ["v1", "v2", "v3", "v4"]}
+    assert ordering_text(letters, "articles") == "base 50.0 = aligned 50.0 < mis 60.0"
+    assert ordering_text(lik, "articles") == "aligned 5.0 < base 40.0 < mis 90.0"
+    assert ordering_text(lik, "textbook") == ""  # empty split: no rates, no ordering
+    report = {"kind": "sfm-eval", "version": 1, "propensity": letters, "propensity_likelihood": lik}
+    md = render_markdown(report)
+    letters_at = md.index("## Misalignment propensity\n")
+    lik_at = md.index("## Misalignment propensity: option likelihood (not the paper's protocol)")
+    assert letters_at < lik_at
+    assert "over 4 prompt variants" in md[lik_at:] and "per byte" in md[lik_at:]
+    assert "Ordering on `all`, least to most misaligned: aligned 5.0 < base 40.0 < mis 90.0." in md[lik_at:]
+    written = write_report(tmp_path, report, console=False)
+    from PIL import Image
+
+    with Image.open(written["png"]) as img:  # one panel per split and mode: 4 x 3.2 in at 120 dpi
+        assert img.size[1] == int(4 * 3.2 * 120)

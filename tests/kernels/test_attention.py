@@ -1,7 +1,7 @@
 """rotary_flash_attention against a float64 PyTorch reference (rotary in PyTorch, then plain attention).
 
 Runs the Triton kernels under the interpreter (see conftest.py). bf16 is not tested here:
-the interpreter's tl.dot on bf16 operands is wrong (../shared/triton-cpu.md); the GPU
+the interpreter's tl.dot on bf16 operands is wrong (docs/kernels.md); the GPU
 benchmark checks bf16.
 """
 

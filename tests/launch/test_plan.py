@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from megatron_sfm.errors import SfmError
 from megatron_sfm.launch.cli import build_slurm_parser
 from megatron_sfm.launch.plan import load_plan, prepare_launch
 
+REPO = Path(__file__).resolve().parents[2]
 STAGE = {"model": "tiny", "training": {"micro_batch_size": 1, "global_batch_size": 4, "train_iters": 3},
          "data": {"mock": True}, "checkpoint": {"save": "ckpt"}}
 
@@ -60,11 +62,25 @@ def test_plan_stage_overrides_come_before_command_line_overrides(tmp_path):
 @pytest.mark.parametrize("stages, message", [
     ([], "non-empty list"),
     ([{"name": "a"}], r"stages\[0\].config"),
-    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"gpus": 8}}], r"stages\[0\].slurm: unknown key"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"gpus": 8}}],
+     r"plan.yaml: stages\[0\]\.slurm\.gpus: unknown key \(did you mean gpus_per_node\?\)"),
     ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"time": 14400}}], "quote it"),
     ([{"name": "a", "config": "cfg/stage.yaml"}, {"name": "a", "config": "cfg/stage.yaml"}], "appears twice"),
     ([{"name": "a", "config": "cfg/missing.yaml"}], "missing.yaml not found"),
     ([{"name": "a", "config": "cfg/stage.yaml", "overrides": ["nokey"]}], "KEY=VALUE"),
+    # the run config's typed loader: unknown keys with a "did you mean", types, required keys
+    ([{"name": "a", "config": "cfg/stage.yaml", "overide": ["x=1"]}],
+     r"plan.yaml: stages\[0\]\.overide: unknown key \(did you mean overrides\?\)"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"nodes": "two"}}],
+     r"plan.yaml: stages\[0\]\.slurm\.nodes: expected int or null, got str 'two'"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"exclusive": "yes"}}],
+     r"stages\[0\]\.slurm\.exclusive: expected bool or null"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"job_name": "x"}}],
+     r"stages\[0\]\.slurm\.job_name: unknown key"),
+    ([{"config": "cfg/stage.yaml"}], r"plan.yaml: stages\[0\]\.name: required"),
+    (["pretrain"], r"plan.yaml: stages\[0\]: expected a mapping"),
+    ([{"name": "a", "config": "cfg/stage.yaml", "slurm": {"env": {"A": [1]}}}],
+     r"stages\[0\]\.slurm\.env\.A: expected str or int or float or bool or null, got list \[1\]"),
 ])
 def test_plan_errors_name_the_stage_and_key(tmp_path, stages, message):
     plan = _write_plan(tmp_path, stages)
@@ -82,6 +98,52 @@ def test_plan_needs_resources_from_flags_or_stage(tmp_path):
     plan = _write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml", "slurm": {"nodes": 1}}])
     with pytest.raises(SfmError, match=r"--gpus-per-node: required \(or slurm.gpus_per_node in .*stages\[0\]\)"):
         prepare_launch(plan, [], dict(time="00:10:00", env={}), log_dir=tmp_path / "r")
+
+
+def test_plan_top_level_keys_are_checked(tmp_path):
+    plan = _write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml"}])
+    data = yaml.safe_load(plan.read_text())
+    plan.write_text(yaml.safe_dump({**data, "nam": "x"}))
+    with pytest.raises(SfmError, match=r"plan.yaml: nam: unknown key \(did you mean name\?\)"):
+        load_plan(plan)
+    plan.write_text(yaml.safe_dump({**data, "name": 3}))
+    with pytest.raises(SfmError, match=r"plan.yaml: name: expected str or null, got int 3"):
+        load_plan(plan)
+
+
+def test_cli_plan_error_exits_2_naming_the_key(tmp_path, capsys):
+    plan = _write_plan(tmp_path, [{"name": "a", "config": "cfg/stage.yaml", "slurm": {"gpus": 8}}])
+    rc = sfm_main(["launch", "slurm", str(plan), "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00",
+                   "--dry-run"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {plan}: stages[0].slurm.gpus: unknown key (did you mean gpus_per_node?)"
+
+
+def test_plan_stage_env_values_become_strings_and_empty_blocks_mean_none(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    (tmp_path / "stage.yaml").write_text(yaml.safe_dump(STAGE))
+    plan.write_text("stages:\n"
+                    "  - {name: a, config: stage.yaml, overrides: null,\n"
+                    "     slurm: {env: {OMP_NUM_THREADS: 4, EMPTY: null}}}\n"
+                    "  - {name: b, config: stage.yaml, slurm: null}\n")
+    jobs = prepare_launch(plan, [], dict(nodes=1, gpus_per_node=0, time="00:10:00", env={"A": "1"}),
+                          log_dir=tmp_path / "r")
+    assert jobs[0].options.env == {"A": "1", "OMP_NUM_THREADS": "4", "EMPTY": ""}
+    assert "export OMP_NUM_THREADS=4" in jobs[0].script and "export EMPTY=''" in jobs[0].script
+    assert jobs[1].options.env == {"A": "1"} and jobs[0].name == "plan-a"
+
+
+@pytest.mark.parametrize("plan_file", sorted((REPO / "examples" / "pythia-6.9b").glob("plan-*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_plans_load_and_render(plan_file, tmp_path):
+    plan = load_plan(plan_file)
+    assert [s.name for s in plan.stages] == ["pretrain", "midtrain"]
+    assert all(s.config.is_file() for s in plan.stages)
+    jobs = prepare_launch(plan_file, [], dict(nodes=64, gpus_per_node=4, time=None, env={}), log_dir=tmp_path)
+    assert [j.options.time for j in jobs] == ["48:00:00", "24:00:00"]
+    assert jobs[1].options.dependency == "afterok:<job id of stage pretrain>"
+    assert all("{{" not in j.script for j in jobs)
 
 
 def test_load_plan_resolves_configs_next_to_the_plan(tmp_path):

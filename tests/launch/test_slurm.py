@@ -25,6 +25,7 @@ from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
 from megatron_sfm.launch.plan import prepare_launch
 from megatron_sfm.launch.slurm import (
     SlurmOptions,
+    fill_template,
     safe_name,
     time_limit_seconds,
     validate_options,
@@ -149,6 +150,25 @@ def test_percent_in_log_folder_is_escaped_for_sbatch(tiny_config, tmp_path):
     (job,) = prepare_launch(tiny_config, [], _defaults(), log_dir=tmp_path / "a%jb")
     (output,) = [a for a in job.argv if a.startswith("--output=")]
     assert output == f"--output={tmp_path}/a%%jb/{job.job_dir.name}/slurm-%j.out"
+
+
+def test_control_characters_in_the_job_folder_are_refused(tiny_config, tmp_path):
+    # the folder reaches the script's comment line (the sbatch command): a newline there
+    # would start a line of code
+    with pytest.raises(SfmError, match=r"--log-dir \(job folder\): .* contains a control character"):
+        prepare_launch(tiny_config, [], _defaults(), log_dir=tmp_path / "a\ntouch /tmp/pwned #")
+
+
+def test_fill_template_is_strict_and_verbatim():
+    template = "a={{x}}\n  {{block}}\n{{empty}}\nend {{x}}\n"
+    assert fill_template(template, {"x": "'$q'", "block": ["one", "two"], "empty": []}) == \
+        "a='$q'\n  one\n  two\nend '$q'\n"
+    with pytest.raises(KeyError):
+        fill_template(template, {"x": "1", "block": []})  # {{empty}} has no value
+    with pytest.raises(KeyError):
+        fill_template(template, {"x": "1", "block": [], "empty": [], "extra": "2"})  # unused value
+    with pytest.raises(KeyError):
+        fill_template("a={{x}}\n", {"x": ["not", "inline"]})
 
 
 # ----------------------------------------------------------------- the script, run with stand-ins

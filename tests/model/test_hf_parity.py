@@ -9,7 +9,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_sfm.config import ModelConfig, ParallelConfig
 from megatron_sfm.model.builder import build_gpt_model
-from megatron_sfm.model.state_dict_adapter import from_hf, to_hf
+from megatron_sfm.conversion.gpt_neox import GPTNeoXAdapter
+
+from_hf, to_hf = GPTNeoXAdapter.from_hf, GPTNeoXAdapter.to_hf
 
 CASES = [
     # hidden, heads, rotary_pct, parallel residual

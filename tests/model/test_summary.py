@@ -97,7 +97,7 @@ def test_cost_from_tokens_and_a_given_throughput(capsys):
     (["--tokens", "-5", "--tflops", "449"], "--tokens: must be positive"),
     (["--tokens", "nan", "--tflops", "449"], "--tokens: must be positive"),
     (["--tokens", "1e9", "--tflops", "inf"], "TFLOP/s per GPU must be positive"),
-    (["--tokens", "1e9", "--bench", "/nonexistent/bench.json"], "bench report not found"),
+    (["--tokens", "1e9", "--bench", "/nonexistent/bench.json"], "--bench: /nonexistent/bench.json: file not found"),
 ])
 def test_cost_arguments_are_checked(args, message, capsys):
     assert sfm(["model", "summary", "--preset", "pythia-6.9b", *args]) == 2

@@ -1,4 +1,5 @@
-"""Exact resume after kill -9, SIGTERM -> requeue, crash mid-save, resharding, broken shards."""
+"""Exact resume after kill -9, SIGTERM -> requeue, crash mid-save, resharding, broken or changed
+shards, refused schedule changes."""
 
 import json
 import os
@@ -163,13 +164,109 @@ def test_broken_shard_is_a_clear_error(tmp_path, corpus, reference_run, damage):
     assert last.startswith("error: ") and shard.name in last and "Traceback" not in proc.stderr
 
 
+def _flip_inside_largest_chunk(folder: Path) -> Path:
+    """Change bytes in the middle of the largest stored tensor chunk (file size unchanged)."""
+    from megatron_sfm.conversion.dcp_reader import read_metadata
+
+    info = max(read_metadata(folder).storage_data.values(), key=lambda i: i.length)
+    shard = folder / info.relative_path
+    data = bytearray(shard.read_bytes())
+    middle = info.offset + info.length // 2
+    data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_changed_bytes_inside_a_shard_refuse_resume(tmp_path, corpus, reference_run):
+    """Same size, other content: the manifest checksum refuses it; verify_checksums=false loads it."""
+    save = _copy_ckpt(reference_run, tmp_path)
+    shard = _flip_inside_largest_chunk(save / "iter_0000010")
+    with pytest.raises(SfmError, match=f"{shard.name} is damaged"):
+        verify_checkpoint(save / "iter_0000010")
+    cfg = write_config(tmp_path / "cfg.yaml", corpus)
+    proc = run_train(cfg, [f"checkpoint.save={save}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"checkpoint file {shard.name} is damaged" in last
+    assert "Traceback" not in proc.stderr
+    # skipping the check: torch loads the changed bytes without noticing (why the checksum exists)
+    proc = check(run_train(cfg, [f"checkpoint.save={save}", "checkpoint.verify_checksums=false"]))
+    assert "resumed from iteration 10" in proc.stdout
+
+
 def test_tampered_shard_without_size_change_is_a_clear_error(tmp_path, corpus, reference_run):
-    """Even when the manifest sizes match, a torch-level load failure becomes one SfmError line."""
+    """A zeroed .metadata is refused by its checksum; without the check, the torch-level load
+    failure is still one SfmError line."""
     save = _copy_ckpt(reference_run, tmp_path)
     meta = save / "iter_0000010" / ".metadata"
     meta.write_bytes(b"\0" * meta.stat().st_size)
+    cfg = write_config(tmp_path / "cfg.yaml", corpus)
+    proc = run_train(cfg, [f"checkpoint.save={save}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "checkpoint file .metadata is damaged" in last
+    proc = run_train(cfg, [f"checkpoint.save={save}", "checkpoint.verify_checksums=false"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cannot load checkpoint" in last and "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_schedule_is_refused_unless_allowed(tmp_path, corpus, reference_run):
+    save = _copy_ckpt(reference_run, tmp_path)
     cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 12})
     proc = run_train(cfg, [f"checkpoint.save={save}"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "cannot load checkpoint" in last and "Traceback" not in proc.stderr
+    assert last.startswith("error: training.train_iters: 12 differs from 10 in the checkpoint's ")
+    assert "checkpoint.allow_schedule_change=true" in last and "Traceback" not in proc.stderr
+    assert latest_checkpoint(save).name == "iter_0000010"  # nothing trained, nothing saved
+    # another LR schedule as well: every changed key is named
+    proc = run_train(cfg, [f"checkpoint.save={save}", "optimizer.min_lr=0.0001"])
+    assert proc.returncode == 2 and "(and optimizer.min_lr)" in proc.stderr.strip().splitlines()[-1]
+    # intended: the override proceeds, says so in the log and records it in train_state.json
+    proc = check(run_train(cfg, [f"checkpoint.save={save}", "checkpoint.allow_schedule_change=true",
+                                 f"logging.tensorboard_dir={tmp_path / 'tb'}"]))
+    assert ("checkpoint.allow_schedule_change: resuming " in proc.stderr
+            and "iteration 10 with training.train_iters changed from 10 to 12" in proc.stderr)
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [11, 12]
+    state = verify_checkpoint(latest_checkpoint(save))
+    assert state["iteration"] == 12
+    assert state["schedule_changes"] == [{"iteration": 10, "key": "training.train_iters", "saved": 10, "now": 12}]
+
+
+def test_the_writer_checksums_what_it_wrote(tmp_path, monkeypatch):
+    """The save's writer function hashes its own files (the sidecar rank 0 merges); no re-read
+    by rank 0 for them."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    from megatron_sfm import checkpoint_format as fmt
+    from megatron_sfm.config.loader import config_from_dict
+    from megatron_sfm.model.builder import build_gpt_model
+    from megatron_sfm.model.parallel import destroy_parallel, initialize_parallel
+    from megatron_sfm.training.checkpoint import with_checksums
+
+    cfg = config_from_dict({"model": {"preset": "tiny", "precision": "fp32", "attention_backend": "sdpa"}})
+    initialize_parallel(cfg.parallel, seed=0)
+    try:
+        model = build_gpt_model(cfg.model, cfg.parallel)
+        folder = tmp_path / "iter_0000001"
+        folder.mkdir()
+        request = dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder),
+                                          sharded_strategy=get_default_save_sharded_strategy("torch_dist"),
+                                          async_sharded_save=True)
+        with_checksums(request, folder).execute_sync()
+    finally:
+        destroy_parallel()
+    sidecar = json.loads((folder / ".sfm_checksums.0.json").read_text())
+    shards = sorted(p.name for p in folder.glob("*.distcp"))
+    assert shards and sorted(sidecar) == shards
+    hashed = []
+    original = fmt.file_checksum
+    monkeypatch.setattr(fmt, "file_checksum", lambda path: hashed.append(Path(path).name) or original(path))
+    files = fmt.write_manifest(folder)["files"]
+    monkeypatch.undo()
+    assert not set(hashed) & set(shards)  # taken from the writer, not read again
+    for name in shards:
+        assert files[name]["checksum"] == sidecar[name]["checksum"] == original(folder / name)
+    fmt.verify_files(folder)

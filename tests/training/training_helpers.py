@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from faults import TEST_ENVS, harness_env
 from megatron_sfm.testing.distributed import free_port
+from megatron_sfm.training.callbacks import CALLBACKS_ENV
 
 BASE = {
     "model": {"preset": "tiny", "precision": "fp32", "attention_backend": "sdpa",
@@ -38,11 +40,15 @@ def write_config(path: Path, blend: Path, **sections) -> Path:
 
 def run_train(config: Path, overrides: list[str] | None = None, nproc: int = 1, env: dict | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess:
-    """``sfm train CONFIG overrides`` on ``nproc`` ranks; returns the finished process."""
+    """``sfm train CONFIG overrides`` on ``nproc`` ranks; returns the finished process.
+
+    ``env`` may set the test hooks ``SFM_FAULTS`` and ``SFM_SAMPLE_LOG`` (tests/training/faults.py):
+    the trainer then loads that module's callbacks through ``SFM_CALLBACKS``.
+    """
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    full_env.pop("SFM_FAULTS", None)
-    full_env.pop("SFM_SAMPLE_LOG", None)
-    full_env.update(env or {})
+    for name in (*TEST_ENVS, CALLBACKS_ENV):
+        full_env.pop(name, None)
+    full_env = harness_env({**full_env, **(env or {})})  # SFM_FAULTS / SFM_SAMPLE_LOG: faults.py's callback
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_sfm.cli", "train", str(config), *(overrides or [])]
     else:

@@ -1,21 +1,29 @@
-"""Every workaround megatron-sfm needs for Megatron-Core 0.16.1, in one place.
+"""Every workaround megatron-sfm needs for Megatron-Core 0.16.1 (and torch), in one place.
 
-Megatron-Core assumes CUDA in a few places, and its distributed-optimizer resume path
-has two bugs with torch's Adam. Nothing here edits Megatron-Core's files: each shim is a
-runtime patch, applied once, named after the entry in ``docs/megatron-core-compat.md``
-(which follows ``shared/megatron-core-cpu.md``).
+Megatron-Core assumes CUDA in a few places, its distributed-optimizer resume path has
+bugs with torch's Adam, and a few of its internals have to be reached into. Nothing
+here edits Megatron-Core's files: each workaround is a function or a subclass here,
+named after its entry in ``docs/megatron-core-compat.md`` (which follows
+``docs/megatron-core-compat.md``); the rest of the package calls these and touches no
+Megatron-Core private name itself.
 
 * :func:`apply_cpu_shims` runs only when CUDA is unavailable (CPU + gloo): S-dev,
   S-sync, S-cudastr, S-type, S-rng, S-cuda().
 * :func:`apply_megatron_fixes` runs everywhere: S-dopt-load (distributed optimizer
   resume with torch Adam).
+* Called where needed: :func:`install_logits_output` / :func:`remove_logits_output`
+  (W-logits), :func:`release_model_references` (W-release),
+  :func:`prepare_optimizer_for_loading` (W-dopt-empty), :func:`quiet_root_logger`
+  (W-dcp-log), and :mod:`megatron_sfm.compat.attention` (W-attn: the fused-rotary
+  ``SelfAttention.forward``).
 
 ``tests/test_compat.py`` checks that every patched target still exists and still needs
-the patch, so a change of the pinned version fails loudly instead of silently.
+the workaround, so a change of the pinned version fails loudly instead of silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -53,7 +61,7 @@ def check_pinned_version() -> None:
     if found != PINNED_MEGATRON_CORE:
         raise RuntimeError(
             f"megatron-sfm's compatibility shims target megatron-core=={PINNED_MEGATRON_CORE}, "
-            f"found {found}: re-check megatron_sfm/compat.py against the new version")
+            f"found {found}: re-check megatron_sfm/compat/ against the new version")
 
 
 def _cpu_device(device):
@@ -198,3 +206,104 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---- W-logits: GPTModel's logits in [s, b, V] for the fused cross-entropy ---------------
+
+def _logits_in_sb_order(labels, logits):  # noqa: ARG001 - the signature of compute_language_model_loss
+    return logits
+
+
+def install_logits_output(gpt_model) -> None:
+    """Make ``gpt_model(..., labels=...)`` return its logits ``[s, b, V]`` instead of a loss.
+
+    Megatron-Core 0.16.1's ``GPTModel._postprocess`` returns ``logits.transpose(0, 1).contiguous()``
+    (a full copy of the logits, and another of their gradient) when called without
+    labels; with labels it hands the ``[s, b, V]`` logits to
+    ``self.compute_language_model_loss(labels, logits)``. Overriding that method on this
+    instance (not on the class) lets the fused loss read the logits where they are.
+    :func:`remove_logits_output` undoes it.
+    """
+    gpt_model.compute_language_model_loss = _logits_in_sb_order
+
+
+def remove_logits_output(gpt_model) -> None:
+    if gpt_model.__dict__.get("compute_language_model_loss") is _logits_in_sb_order:
+        del gpt_model.compute_language_model_loss
+
+
+def returns_logits_in_sb_order(gpt_model) -> bool:
+    return gpt_model.__dict__.get("compute_language_model_loss") is _logits_in_sb_order
+
+
+# ---- W-release: references that keep a finished model alive ---------------------------
+
+def release_model_references(model_chunks: list, configs: list, config_hooks: tuple) -> None:
+    """Cut the references through which Megatron-Core 0.16.1 keeps a finished model alive.
+
+    * the model config's callables (``config_hooks``, e.g. ``grad_scale_func`` =
+      ``optimizer.scale_loss``): with fp32 parameters the distributed optimizer's shards
+      are autograd views of the parameters, whose graph leads to each parameter's
+      grad-accumulator node and DDP's hook on it (C++ links the collector cannot see):
+      model -> config -> optimizer -> view -> node -> hook -> model, never collected;
+    * ``RotaryEmbedding.forward`` (and YaRN's) is an ``lru_cache`` on the class keyed by
+      the module: cleared class-wide (other live models recompute their tables once);
+    * DDP's ``grad_accs`` and, with ``overlap_param_gather``, its forward pre-hooks
+      (cycles through the DDP module, cut so the collector need not find them).
+    """
+    cleared: set = set()
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            clear_cache = getattr(type(module).forward, "cache_clear", None)
+            if clear_cache is not None and type(module) not in cleared:
+                clear_cache()
+                cleared.add(type(module))
+        if getattr(chunk, "use_forward_hook", False) and chunk.remove_forward_pre_hook_handles:
+            chunk.disable_forward_pre_hook(param_sync=False)
+        accs = getattr(chunk, "grad_accs", None)
+        if isinstance(accs, list):
+            accs.clear()
+    for config in configs:
+        if config is None:
+            continue
+        for name in config_hooks:
+            if hasattr(config, name):
+                setattr(config, name, None)
+
+
+# ---- W-dopt-empty: a fresh distributed optimizer cannot describe its state for loading ---
+
+def prepare_optimizer_for_loading(optimizer) -> None:
+    """Give a fresh distributed optimizer (no Adam state yet) placeholder state to load into.
+
+    0.16.1's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` with the
+    ``fully_reshardable`` format calls ``state_dict()``, which asserts on the ``step`` of
+    the (empty) Adam state; only the ``fsdp_dtensor`` path initialises it. This runs the
+    private ``_init_optimizer_states_with_dummy_values`` (one zero-gradient step; the
+    values are overwritten by the load) on each sub-optimizer without state.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer) and not any(sub.optimizer.state.values()):
+            sub._init_optimizer_states_with_dummy_values()
+
+
+# ---- W-dcp-log: torch.distributed.checkpoint logs on the root logger ------------------
+
+@contextlib.contextmanager
+def quiet_root_logger(level: int = logging.ERROR):
+    """Raise the root logger's level for the duration (checkpoint loading).
+
+    torch 2.13's ``torch.distributed.checkpoint.state_dict_loader`` logs its metadata-read
+    fallbacks with tracebacks (``exc_info=True``) on the *root* logger
+    (``logger = logging.getLogger()``), so they cannot be silenced by name; a failed load
+    becomes one clear :class:`SfmError` line instead.
+    """
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
