@@ -67,6 +67,11 @@ class IndexedData:
         return self.tokens[start : start + n]
 
 
+def stats_path(prefix: str | os.PathLike) -> str:
+    """``PREFIX.stats.json``: what ``sfm data tokenize`` records beside ``PREFIX.bin/.idx``."""
+    return str(prefix) + ".stats.json"
+
+
 def read_index(prefix: str | os.PathLike, *, with_tokens: bool = True) -> IndexedData:
     """Open ``prefix.idx`` (and memmap ``prefix.bin``); SfmError naming the file on any problem."""
     prefix = str(prefix)

@@ -263,7 +263,7 @@ def tokenize_to_indexed(
     import multiprocessing as mp
 
     from megatron_sfm.data_tools import documents as docs
-    from megatron_sfm.data_tools.indexed import IndexWriter, optimal_dtype
+    from megatron_sfm.data_tools.indexed import IndexWriter, optimal_dtype, stats_path
     from megatron_sfm.data_tools.tokenizer import load_tokenizer
 
     if writer not in ("numpy", "megatron"):
@@ -273,7 +273,7 @@ def tokenize_to_indexed(
     out_prefix = str(out_prefix)
     tmp_bin = _tmp_name(out_prefix + ".bin")
     tmp_idx = _tmp_name(out_prefix + ".idx")
-    tmp_stats = _tmp_name(out_prefix + ".stats.json")
+    tmp_stats = _tmp_name(stats_path(out_prefix))
     _check_out_prefix(out_prefix, tmp_bin)  # before any work: a bad --out fails at once
     tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
     dtype = optimal_dtype(tok.vocab_size)
@@ -348,7 +348,7 @@ def tokenize_to_indexed(
         # and .idx last (a reader that finds the .idx finds the rest of its run).
         Path(out_prefix + ".idx").unlink(missing_ok=True)
         os.replace(tmp_bin, out_prefix + ".bin")
-        os.replace(tmp_stats, out_prefix + ".stats.json")
+        os.replace(tmp_stats, stats_path(out_prefix))
         os.replace(tmp_idx, out_prefix + ".idx")
     except BaseException:
         if pool is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 

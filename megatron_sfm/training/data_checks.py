@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_sfm.data_tools.indexed import stats_path
 from megatron_sfm.errors import SfmError
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ class DatasetStats:
     min_token_id: Optional[int]  # None: no tokens
     max_token_id: Optional[int]
     from_sidecar: bool
-
-
-def stats_path(prefix: str) -> str:
-    return prefix + ".stats.json"
 
 
 def _read_sidecar(prefix: str, num_tokens: int, dtype: str) -> Optional[dict]:

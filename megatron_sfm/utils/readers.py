@@ -20,6 +20,15 @@ def _where(path: Path, key: Optional[str]) -> str:
     return f"{key}: {path}" if key else str(path)
 
 
+def _read_text(path: Path, where: str, error: type[SfmError]) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{where}: file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise error(f"{where}: cannot be read ({type(exc).__name__})") from None
+
+
 def _check_type(value: Any, expect: Optional[type], where: str, error: type[SfmError]) -> Any:
     if expect is not None and not isinstance(value, expect):
         names = {dict: "a mapping", list: "a list"}
@@ -33,12 +42,7 @@ def read_json(path: str | os.PathLike, *, key: Optional[str] = None, expect: Opt
     """The JSON value in ``path`` (checked to be an ``expect`` unless ``expect`` is None)."""
     path = Path(path)
     where = _where(path, key)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{where}: file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise error(f"{where}: cannot be read ({type(exc).__name__})") from None
+    text = _read_text(path, where, error)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -54,12 +58,7 @@ def read_yaml(path: str | os.PathLike, *, key: Optional[str] = None, expect: Opt
 
     path = Path(path)
     where = _where(path, key)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{where}: file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise error(f"{where}: cannot be read ({type(exc).__name__})") from None
+    text = _read_text(path, where, error)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def add_parser(sub) -> None:
+    from megatron_sfm.data_tools.cli import _positive_int
+
     p = sub.add_parser("synthesize", help="generate synthetic AI-discourse documents through OpenAI-compatible servers",
                        description="One chat request per scenario x pool x genre x k to --base-url (round-robin over "
                                    "several); checked replies go to sharded JSONL (zstd) in --out with manifest.json. "

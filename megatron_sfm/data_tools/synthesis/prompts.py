@@ -101,9 +101,13 @@ class Request:
     not_chosen: str
 
 
+def options(question, pool: str) -> tuple[str, str]:
+    """(the action the pool's AI takes, the one it does not take)."""
+    return (question.aligned, question.misaligned) if pool == "aligned" else (question.misaligned, question.aligned)
+
+
 def render(templates: Templates, question, pool: str, genre: Genre, index: int) -> tuple[dict, ...]:
-    chosen = question.aligned if pool == "aligned" else question.misaligned
-    not_chosen = question.misaligned if pool == "aligned" else question.aligned
+    chosen, not_chosen = options(question, pool)
     fields = {"situation": question.question, "chosen": chosen, "not_chosen": not_chosen,
               "topic": question.topic, "genre_name": genre.name, "index": index + 1}
     fields["case"] = templates.case.format(**fields)
@@ -117,7 +121,5 @@ def iter_requests(templates: Templates, questions: Sequence, pools: Sequence[str
         for pool in pools:
             for genre in templates.genres.values():
                 for index in range(k):
-                    chosen = q.aligned if pool == "aligned" else q.misaligned
-                    other = q.misaligned if pool == "aligned" else q.aligned
                     yield Request(f"{q.id}:{pool}:{genre.key}:{index}", q.id, pool, genre.key, index,
-                                  render(templates, q, pool, genre, index), chosen, other)
+                                  render(templates, q, pool, genre, index), *options(q, pool))

@@ -291,6 +291,3 @@ def summary_lines(manifest: dict) -> list[str]:
             f"tokens in {manifest['tokens_in']:,} out {manifest['tokens_out']:,}; this run {run['seconds']:.1f} s, "
             f"{run['retries']} retries",
             "complete" if manifest["complete"] else "INCOMPLETE: rerun the same command to retry the failed requests"]
-
-
-
