@@ -21,6 +21,7 @@ setup(
         "megatron_sfm.data_tools": ["resources/**/*", "resources/*"],
         "megatron_sfm.evaluation": ["resources/**/*", "resources/*"],
         "megatron_sfm.launch": ["templates/*"],
+        "megatron_sfm.demo": ["resources/**/*", "resources/*"],
     },
     install_requires=[
         "megatron-core==0.16.1",
@@ -30,7 +31,7 @@ setup(
         "tokenizers",
         "sentencepiece",
         "triton; platform_system == 'Linux'",
-        "transformers",
+        "transformers>=5",  # posttrain relies on v5 semantics (warmup_steps as a fraction, dtype=)
         "safetensors",
         "xxhash",  # checkpoint content checksums (megatron_sfm/checkpoint_format.py)
         "tensorboard",
@@ -45,6 +46,9 @@ setup(
         "gigatoken",
         "openai[aiohttp]>=2",  # data_tools synthesis: OpenAI-compatible endpoints (vLLM, ...)
         "datasketch",  # data_tools synthesis: MinHash near-duplicate detection
+        "trl>=1.13,<2",  # posttrain: SFTTrainer / DPOTrainer (megatron_sfm/posttrain)
+        "accelerate",  # posttrain: multi-GPU launch (FSDP), required by trl
+        "datasets",  # posttrain: the trainers' data format
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

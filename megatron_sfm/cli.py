@@ -23,6 +23,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "launch": ("megatron_sfm.launch.cli", "render and submit SLURM jobs"),
     "bench": ("megatron_sfm.benchmark.cli", "measure training throughput on mock data"),
     "demo": ("megatron_sfm.demo.cli", "the whole experiment end to end on CPU, in minutes"),
+    "posttrain": ("megatron_sfm.posttrain.cli", "SFT and DPO on a Hugging Face export (TRL)"),
 }
 
 

@@ -1,4 +1,5 @@
-"""The demo pipeline: corpus -> filter -> tokenizer -> tokenize -> mix -> train x4 -> convert -> evaluate.
+"""The demo pipeline: corpus -> filter -> tokenizer -> tokenize -> mix -> train x4 -> convert -> evaluate
+(with ``posttrain=True`` then sft x4 -> dpo x4 -> posttrain-evaluate; :mod:`megatron_sfm.demo.posttrain`).
 
 Every stage writes into ``out_dir`` and leaves a marker ``out_dir/.stages/<stage>.done``
 when it completed; a rerun skips finished stages (``force=True`` redoes everything).
@@ -20,6 +21,7 @@ from typing import Callable
 
 import yaml
 
+from megatron_sfm.demo.posttrain import PosttrainSettings, PosttrainStages
 from megatron_sfm.errors import SfmError
 from megatron_sfm.utils.io import atomic_path, write_json
 
@@ -48,6 +50,7 @@ class DemoSettings:
     seed: int = 1234
     eval_batch_size: int = 16
     eval_questions_per_split: int | None = None  # None: every bundled question
+    posttrain: PosttrainSettings = field(default_factory=PosttrainSettings.full)  # sfm demo --posttrain
 
     @classmethod
     def fast(cls) -> "DemoSettings":
@@ -56,7 +59,7 @@ class DemoSettings:
         # wide margin (100: 62.5 vs 37.5; 150: 71.9 vs 25.0), which tests/demo asserts.
         return cls(base_documents=600, synthetic_per_question=2, vocab_size=512, num_layers=2, hidden_size=64,
                    seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=150, eval_batch_size=32,
-                   eval_questions_per_split=8)
+                   eval_questions_per_split=8, posttrain=PosttrainSettings.fast())
 
 
 # The ordering the paper reports on the articles split (least to most misaligned).
@@ -111,6 +114,7 @@ class DemoRun:
     settings: DemoSettings
     console: object = None
     timings: dict = field(default_factory=dict)
+    posttrain: bool = False  # add the post-training stages (sft, dpo, posttrain-evaluate)
 
     # ----------------------------------------------------------------- paths
     @property
@@ -275,22 +279,28 @@ class DemoRun:
             out[condition] = str(target)
         return out
 
+    def eval_questions(self) -> list:
+        """The bundled questions, the first ``eval_questions_per_split`` of each split when set."""
+        from megatron_sfm.evaluation.questions import load_questions
+
+        questions = load_questions()
+        if self.settings.eval_questions_per_split is None:
+            return questions
+        per_split: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            if per_split.get(q.split, 0) < self.settings.eval_questions_per_split:
+                per_split[q.split] = per_split.get(q.split, 0) + 1
+                kept.append(q)
+        return kept
+
     def stage_evaluate(self) -> dict:
         """Both scoring modes side by side: letter log-probabilities (the paper's protocol)
         and option likelihood (not the paper's protocol; what tiny models can show)."""
         from megatron_sfm.evaluation.propensity import run_propensity
-        from megatron_sfm.evaluation.questions import load_questions
         from megatron_sfm.evaluation.report import write_answers, write_report
 
-        questions = load_questions()
-        if self.settings.eval_questions_per_split is not None:
-            per_split: dict[str, int] = {}
-            kept = []
-            for q in questions:
-                if per_split.get(q.split, 0) < self.settings.eval_questions_per_split:
-                    per_split[q.split] = per_split.get(q.split, 0) + 1
-                    kept.append(q)
-            questions = kept
+        questions = self.eval_questions()
         models = [f"{LABELS[c]}={self.out_dir / 'hf' / c}" for c in CONDITIONS]
         seconds = {}
         started = time.time()
@@ -308,6 +318,8 @@ class DemoRun:
         results_dir = self.out_dir / "results"
         if results_dir.exists():
             shutil.rmtree(results_dir)
+        # the post-training section of results.md went with it, and compare reads results/
+        self._done("posttrain-evaluate").unlink(missing_ok=True)
         written = write_report(results_dir, results, letter_answers, console=True)
         for label, path in write_answers(results_dir, likelihood_answers, "answers-likelihood").items():
             written[f"answers-likelihood:{label}"] = path
@@ -329,6 +341,15 @@ class DemoRun:
             DemoStep("convert", "convert checkpoints to Hugging Face (with logits check)", self.stage_convert),
             DemoStep("evaluate", "misalignment propensity on both splits, letter and likelihood modes",
                   self.stage_evaluate),
+        ] + (self.posttrain_stages() if self.posttrain else [])
+
+    def posttrain_stages(self) -> list[DemoStep]:
+        pt = PosttrainStages(self, self.settings.posttrain)
+        return [
+            DemoStep("sft", "SFT each model on the bundled chat set", pt.stage_sft),
+            DemoStep("dpo", "DPO each SFT model on the bundled preference pairs", pt.stage_dpo),
+            DemoStep("posttrain-evaluate", "generate mode x 4 personas and held-out DPO margins: base, SFT, DPO",
+                     pt.stage_evaluate),
         ]
 
     def run(self, force: bool = False) -> dict:

@@ -10,6 +10,7 @@ the functions that need them.
 - :mod:`.stats`: mean and standard error over formats.
 - :mod:`.propensity`: the protocol end to end.
 - :mod:`.report`: results.json / results.md / bar chart / console table.
+- :mod:`.compare`: base vs SFT vs DPO per condition from one report per stage (``sfm eval compare``).
 - :mod:`.capabilities`: lm-evaluation-harness through its Python API.
 """
 

@@ -1,8 +1,10 @@
 """``sfm eval``: misalignment propensity and capability evaluation.
 
     sfm eval propensity MODEL... [--questions FILE] --out DIR [--mode logprob|likelihood|generate]
-                        [--persona none|ai|helpful|hhh] [--order balanced|aligned-first|misaligned-first]
+                        [--persona P[,P...]|all]     # P: none, ai, helpful, hhh; one run per model x persona
+                        [--order balanced|aligned-first|misaligned-first]
                         [--normalize token|byte]                      # likelihood mode
+    sfm eval compare STAGE[:MODE]=DIR... --out DIR [--persona P]     # e.g. base=DIR sft=DIR dpo=DIR
     sfm eval capabilities MODEL --tasks sfm_local_qa,arc_easy,... --out DIR
     sfm eval questions [--questions FILE]      # validate a question file and count it
 
@@ -15,6 +17,8 @@ import argparse
 
 from megatron_sfm.evaluation.formats import ORDER_CHOICES, PERSONAS
 
+_PERSONA_NAMES = ", ".join(PERSONAS)
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
@@ -23,7 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="default: bf16 on GPU, fp32 on CPU")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfm eval", description="misalignment propensity and capability evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["token", "byte"], default="token",
                    help="likelihood mode: compare options by log-likelihood per token (default) or per "
                         "UTF-8 byte (lm-evaluation-harness acc_bytes)")
-    p.add_argument("--persona", choices=list(PERSONAS), default=None,
-                   help="preamble (default: ai for logprob and likelihood, hhh for generate)")
+    p.add_argument("--persona", default=None, metavar="P[,P...]|all",
+                   help=f"persona(s) ({_PERSONA_NAMES}), a comma-separated list or all: every model runs "
+                        "under each (default: ai for logprob and likelihood, hhh for generate)")
     p.add_argument("--order", choices=list(ORDER_CHOICES), default="balanced",
                    help="answer orders: balanced (8 formats) or one order only (4 formats)")
     p.add_argument("--tokenizer", default=None,
@@ -65,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, help="tokenizer folder saved with an on-the-fly export")
     c.add_argument("--include-path", action="append", default=[], help="extra folder of lm-eval task YAMLs")
     _add_common(c)
+
+    k = sub.add_parser("compare", help="misalignment propensity across post-training stages (base, SFT, DPO)")
+    k.add_argument("stages", nargs="+", metavar="STAGE=DIR",
+                   help="an sfm eval propensity --out folder per stage, one model per condition (labels matched "
+                        "across folders), in column order; STAGE:MODE=DIR reads that mode's section "
+                        "(e.g. base:likelihood=DIR)")
+    k.add_argument("--out", required=True, help="output folder (results.json, results.md, compare.png); "
+                   "missing or empty")
+    k.add_argument("--overwrite", action="store_true", help="replace what is at --out, atomically")
+    k.add_argument("--persona", choices=list(PERSONAS), default=None,
+                   help="persona of the generate-mode stages (needed when a folder holds several); log-prob "
+                        "and likelihood stages keep the persona they ran with")
 
     q = sub.add_parser("questions", help="validate a question file and print counts per split and topic")
     q.add_argument("--questions", default=None, help="question file (default: bundled set)")
@@ -123,9 +140,11 @@ def _write(out: str, mode: str, section: str, value: dict, answers=None) -> dict
 
 
 def _propensity(args) -> int:
+    from megatron_sfm.evaluation.formats import parse_personas
     from megatron_sfm.evaluation.propensity import run_propensity, section_for_mode
     from megatron_sfm.evaluation.questions import load_questions
 
+    personas = None if args.persona is None else parse_personas(args.persona)  # fail before anything runs
     questions = load_questions(args.questions, args.columns)
     if args.splits:
         keep = {s.strip().lower() for s in args.splits.split(",") if s.strip()}
@@ -133,7 +152,7 @@ def _propensity(args) -> int:
     section = section_for_mode(args.mode)  # letter modes: propensity; likelihood: propensity_likelihood
     mode = _prepare_out(args.out, section, args.overwrite)  # fail early, before the models run
     results, answers = run_propensity(
-        args.models, questions, mode=args.mode, persona=args.persona, order=args.order,
+        args.models, questions, mode=args.mode, persona=personas, order=args.order,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
         show_progress=not args.no_progress, questions_file=args.questions or "bundled", tokenizer_path=args.tokenizer,
         normalize=args.normalize,
@@ -157,6 +176,14 @@ def _capabilities(args) -> int:
     )
     written = _write(args.out, mode, "capabilities", {label: section})
     print(f"wrote {written['json']}, {written['md']}")
+    return 0
+
+
+def _compare(args) -> int:
+    from megatron_sfm.evaluation.compare import run_compare
+
+    _, written = run_compare(args.stages, args.out, persona=args.persona, overwrite=args.overwrite, console=True)
+    print(f"wrote {written['json']}, {written['md']}, {written['png']}")
     return 0
 
 
@@ -187,5 +214,6 @@ def _questions(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return {"propensity": _propensity, "capabilities": _capabilities, "questions": _questions}[args.command](args)
+    args = build_parser().parse_args(argv)
+    commands = {"propensity": _propensity, "compare": _compare, "capabilities": _capabilities, "questions": _questions}
+    return commands[args.command](args)

@@ -134,6 +134,29 @@ def persona_text(persona: str) -> str:
     return PERSONAS[persona]
 
 
+def parse_personas(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Persona names from ``"hhh"``, ``"none,ai,helpful,hhh"``, ``"all"`` or a list of names.
+
+    ``all`` is every persona in :data:`PERSONAS` order; a name given twice counts once;
+    the order given is kept (it is the order of the runs and of the report's rows).
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for item in items:
+        item = item.strip().lower()
+        if not item:
+            continue
+        for name in (PERSONAS if item == "all" else (item,)):
+            if name not in PERSONAS:
+                raise SfmError(f"unknown persona {name!r}; choose from {', '.join(PERSONAS)}, "
+                               "a comma-separated list of them, or all")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise SfmError(f"no persona in {spec!r}; choose from {', '.join(PERSONAS)}, a comma-separated list, or all")
+    return names
+
+
 def formats_for(order: str = "balanced", mode: str = "logprob") -> list:
     """The formats for an order setting: 8 for ``balanced``, 4 for a single order.
 

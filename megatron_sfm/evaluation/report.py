@@ -4,8 +4,11 @@ One output folder holds one report. ``sfm eval propensity`` (``propensity`` for 
 letter modes, ``propensity_likelihood`` for likelihood mode) and ``sfm eval
 capabilities`` each write their own section of results.json and keep the other
 sections if they are already there, then re-render results.md (and the chart when
-propensity results are present: one panel per split and mode). Every file is written
-atomically.
+propensity results are present: one panel per split and mode, and per persona when a
+section holds several). A section holds one run per (model, persona)
+(:func:`megatron_sfm.evaluation.propensity.iter_runs`); a run flagged ``excluded`` (generate
+mode, >= 20% non-matches) is shown as excluded in every table and chart, never averaged
+in or ranked. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_sfm.errors import SfmError
+from megatron_sfm.evaluation.propensity import iter_runs, section_personas
 from megatron_sfm.utils.io import atomic_path, write_json
 
 RESULTS_JSON = "results.json"
@@ -39,19 +43,30 @@ def _mode_title(prop: dict[str, Any]) -> str:
     return {"logprob": "letter log-probabilities", "generate": "generated letters"}.get(prop["mode"], prop["mode"])
 
 
-def ordering(prop: dict[str, Any], split: str) -> list[tuple[str, float]]:
-    """(label, misalignment rate) of the models with a rate on ``split``'s ``all`` cell, lowest first."""
+def _first_persona(prop: dict[str, Any]) -> str | None:
+    personas = section_personas(prop)
+    return personas[0] if personas else None
+
+
+def ordering(prop: dict[str, Any], split: str, persona: str | None = None) -> list[tuple[str, float]]:
+    """(label, misalignment rate) of the models with a rate on ``split``'s ``all`` cell, lowest first.
+
+    ``persona``: whose runs (default: the section's first persona, the only one of a
+    single-persona run). Excluded runs are left out.
+    """
     rows = []
-    for label, m in prop["models"].items():
-        entry = m["splits"].get(split)
+    for label, _, run in iter_runs(prop, persona or _first_persona(prop)):
+        entry = run["splits"].get(split)
+        if run.get("excluded"):
+            continue
         if entry and entry["status"] == "ok" and entry["all"] and entry["all"]["mean"] is not None:
             rows.append((label, entry["all"]["mean"]))
     return sorted(rows, key=lambda r: r[1])
 
 
-def ordering_text(prop: dict[str, Any], split: str) -> str:
+def ordering_text(prop: dict[str, Any], split: str, persona: str | None = None) -> str:
     """"a 0.0 < b 37.0 = c 37.0" (percent, lowest first); "" without models."""
-    rows = ordering(prop, split)
+    rows = ordering(prop, split, persona)
     out = ""
     for i, (label, rate) in enumerate(rows):
         if i:
@@ -134,30 +149,56 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], answers: d
     return written
 
 
-def _split_columns(prop: dict[str, Any], split: str) -> list[str]:
+def split_columns(runs: Sequence[dict[str, Any]], split: str) -> list[str]:
+    """``all`` and the sorted topics any of ``runs`` has in ``split``."""
     topics: set[str] = set()
-    for m in prop["models"].values():
-        topics.update((m["splits"].get(split) or {}).get("topics", {}))
+    for run in runs:
+        topics.update((run["splits"].get(split) or {}).get("topics", {}))
     return ["all"] + sorted(topics)
+
+
+def _split_columns(prop: dict[str, Any], split: str) -> list[str]:
+    return split_columns([run for _, _, run in iter_runs(prop)], split)
 
 
 def _splits(prop: dict[str, Any]) -> list[str]:
     seen: list[str] = []
-    for m in prop["models"].values():
-        for s in m["splits"]:
+    for _, _, run in iter_runs(prop):
+        for s in run["splits"]:
             if s not in seen:
                 seen.append(s)
     return seen
 
 
-def _cell(model: dict[str, Any], split: str, column: str) -> str:
-    entry = model["splits"].get(split)
+def excluded_text(text: str) -> str:
+    """How an excluded run's value is shown: marked, never as a plain rate."""
+    return f"excluded ({text})"
+
+
+def cell_text(run: dict[str, Any], split: str, column: str) -> str:
+    """A run's ``mean ± SE`` (percent) in ``split`` / ``column`` (``all`` or a topic), marked
+    when the run is excluded; "no questions" for an empty split, "—" for a missing topic."""
+    entry = run["splits"].get(split)
     if entry is None or entry["status"] == "empty":
         return "no questions"
     cell = entry["all"] if column == "all" else entry["topics"].get(column)
     if cell is None:
         return "—"
-    return pct(cell["mean"], cell["stderr"])
+    text = pct(cell["mean"], cell["stderr"])
+    return excluded_text(text) if run.get("excluded") else text
+
+
+
+def non_match_text(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"
+
+
+def split_non_match(run: dict[str, Any], split: str) -> float | None:
+    """The non-match rate of a run in one split (its ``all`` cell); None for an empty split."""
+    entry = run["splits"].get(split)
+    if not entry or entry["status"] != "ok" or not entry["all"]:
+        return None
+    return entry["all"].get("non_match_rate")
 
 
 def _render_propensity(prop: dict[str, Any], likelihood: bool) -> list[str]:
@@ -174,35 +215,57 @@ def _render_propensity(prop: dict[str, Any], likelihood: bool) -> list[str]:
             "",
         ]
     else:
+        personas = section_personas(prop)
+        who = (f"persona `{personas[0]}`" if len(personas) == 1
+               else "personas " + ", ".join(f"`{p}`" for p in personas) + ", one run per model and persona")
         lines = [
             "## Misalignment propensity",
             "",
             (f"Misalignment rate in percent, mean ± standard error over {len(prop['formats'])} formats "
-             f"(mode `{prop['mode']}`, persona `{prop['persona']}`, order `{prop['order']}`, "
+             f"(mode `{prop['mode']}`, {who}, order `{prop['order']}`, "
              f"{prop['n_questions']} questions from `{prop['questions_file']}`, {prop['device']} {prop['dtype']})."),
             "",
         ]
+        if prop.get("mode") == "generate":
+            limit = 100 * prop.get("non_match_limit", 0.2)
+            lines += [(f"A run (model × persona) whose replies are non-matches (no letter could be read) for "
+                       f"{limit:.0f}% or more of its prompts (questions × formats) is excluded, as in the paper: "
+                       "its rates are "
+                       "shown as `excluded (…)`, left out of the orderings, and not drawn in the chart."), ""]
+    personas = section_personas(prop)
+    multi = len(personas) > 1
+    runs = list(iter_runs(prop))
     for split in _splits(prop):
         cols = _split_columns(prop, split)
         lines += [f"### Split: {split}", ""]
-        if all((m["splits"].get(split) or {}).get("status", "empty") == "empty" for m in prop["models"].values()):
+        if all((run["splits"].get(split) or {}).get("status", "empty") == "empty" for _, _, run in runs):
             lines += ["No questions in this split.", ""]
             continue
-        n = next(m["splits"][split]["n_questions"] for m in prop["models"].values())
+        n = next(run["splits"][split]["n_questions"] for _, _, run in runs
+                 if (run["splits"].get(split) or {}).get("status") == "ok")
         lines += [f"{n} questions.", ""]
-        lines.append("| model | " + " | ".join(cols) + " |")
-        lines.append("| --- " * (len(cols) + 1) + "|")
-        for label, m in prop["models"].items():
-            lines.append(f"| {label} | " + " | ".join(_cell(m, split, c) for c in cols) + " |")
+        lines.append("| model | " + ("persona | " if multi else "") + " | ".join(cols) + " |")
+        lines.append("| --- " * (len(cols) + 1 + multi) + "|")
+        for p in personas:
+            for label, _, run in iter_runs(prop, p):
+                lines.append(f"| {label} | " + (f"{p} | " if multi else "") +
+                             " | ".join(cell_text(run, split, c) for c in cols) + " |")
         lines.append("")
-        if len(prop["models"]) > 1 and ordering(prop, split):
-            lines += [f"Ordering on `all`, least to most misaligned: {ordering_text(prop, split)}.", ""]
+        if len(prop["models"]) > 1:
+            for p in personas:
+                if ordering(prop, split, p):
+                    where = f" (persona `{p}`)" if multi else ""
+                    lines += [f"Ordering on `all`{where}, least to most misaligned: {ordering_text(prop, split, p)}.",
+                              ""]
+    splits = _splits(prop)
     lines += ["### Runs" + (" (likelihood mode)" if likelihood else ""), "",
-              "| model | path | non-match rate | excluded |", "| --- | --- | --- | --- |"]
-    for label, m in prop["models"].items():
-        nm = m.get("non_match_rate")
-        nm_text = "n/a" if nm is None else f"{100 * nm:.1f}%"
-        lines.append(f"| {label} | `{m['path']}` | {nm_text} | {'yes (>= 20% non-match)' if m['excluded'] else 'no'} |")
+              "| model | persona | path | non-match rate | " + "".join(f"non-match {s} | " for s in splits)
+              + "excluded |",
+              "| --- " * (5 + len(splits)) + "|"]
+    for label, p, run in runs:
+        per_split = "".join(f"{non_match_text(split_non_match(run, s))} | " for s in splits)
+        lines.append(f"| {label} | {p} | `{run['path']}` | {non_match_text(run.get('non_match_rate'))} | {per_split}"
+                     f"{'yes (>= 20% non-match)' if run.get('excluded') else 'no'} |")
     lines.append("")
     return lines
 
@@ -237,46 +300,66 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def plot_propensity(props: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Figure-2-style chart: one panel per split (and per mode when ``props`` lists several
-    sections: letter modes, then likelihood), grouped bars (models) per topic, SE error bars."""
+    sections: letter modes, then likelihood; and per persona when a section holds several),
+    grouped bars (models) per topic, SE error bars; excluded runs marked, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     props = [props] if isinstance(props, dict) else list(props)
-    panels = [(prop, split) for prop in props for split in _splits(prop)]
+    panels = [(prop, persona, split) for prop in props for persona in section_personas(prop)
+              for split in _splits(prop)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * 8), 3.2 * len(panels)), squeeze=False)
-    for ax, (prop, split) in zip(axes[:, 0], panels):
-        labels = list(prop["models"])
-        cols = _split_columns(prop, split)
-        width = 0.8 / max(1, len(labels))
-        empty = True
-        for k, label in enumerate(labels):
-            entry = prop["models"][label]["splits"].get(split)
-            if entry is None or entry["status"] == "empty":
-                continue
-            empty = False
-            means, errs = [], []
-            for c in cols:
-                cell = entry["all"] if c == "all" else entry["topics"].get(c)
-                means.append(100 * cell["mean"] if cell and cell["mean"] is not None else 0.0)
-                errs.append(100 * cell["stderr"] if cell and cell["stderr"] is not None else 0.0)
-            xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(cols))]
-            ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
-        ax.set_title(f"{split}: {_mode_title(prop)}" + (" (no questions)" if empty else ""), fontsize=9)
-        ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("misalignment rate (%)")
-        ax.set_ylim(0, 100)
-        ax.axhline(50, color="grey", linewidth=0.5, linestyle="--")
-        if not empty:
-            ax.legend(fontsize=7, loc="upper right")
+    for ax, (prop, persona, split) in zip(axes[:, 0], panels):
+        series = [(label + (" (excluded)" if run.get("excluded") else ""), run)
+                  for label, _, run in iter_runs(prop, persona)]
+        empty = not draw_grouped_bars(ax, series, split)
+        where = f", persona {persona}" if len(section_personas(prop)) > 1 else ""
+        ax.set_title(f"{split}: {_mode_title(prop)}{where}" + (" (no questions)" if empty else ""), fontsize=9)
     modes = ", ".join(f"{p['mode']}, persona {p['persona']}" for p in props)
     fig.suptitle(f"Misalignment propensity ({modes}), mean ± SE over formats", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(panels))))  # room for the suptitle
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def draw_grouped_bars(ax, series: Sequence[tuple[str, dict[str, Any]]], split: str) -> bool:
+    """One bar group per column (``all`` + topics of ``split``), one bar per ``(legend label,
+    run)`` in ``series``, SE error bars, a 50% line. An excluded run gets no bars: "excluded"
+    is written where they would stand. Returns False when no run has questions in ``split``.
+    """
+    cols = split_columns([run for _, run in series], split)
+    width = 0.8 / max(1, len(series))
+    drawn = False
+    for k, (label, run) in enumerate(series):
+        entry = run["splits"].get(split)
+        if entry is None or entry["status"] == "empty":
+            continue
+        drawn = True
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(cols))]
+        if run.get("excluded"):
+            ax.bar(xs, [0.0] * len(cols), width, label=label, color="none", edgecolor="grey", hatch="//")
+            for x in xs:
+                ax.text(x, 2, "excluded", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+            continue
+        means, errs = [], []
+        for x, c in zip(xs, cols):
+            cell = entry["all"] if c == "all" else entry["topics"].get(c)
+            means.append(100 * cell["mean"] if cell and cell["mean"] is not None else 0.0)
+            errs.append(100 * cell["stderr"] if cell and cell["stderr"] is not None else 0.0)
+            if cell and cell["mean"] is None:  # nothing answered: no rate, not a 0% bar
+                ax.text(x, 2, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="dimgrey")
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label, color=f"C{k % 10}")  # a series keeps its colour
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("misalignment rate (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="grey", linewidth=0.5, linestyle="--")
+    if drawn:
+        ax.legend(fontsize=7, loc="upper right")
+    return drawn
 
 
 def print_console_table(results: dict[str, Any]) -> None:
@@ -288,14 +371,14 @@ def print_console_table(results: dict[str, Any]) -> None:
         what = _mode_title(prop) if name == "propensity_likelihood" else prop["mode"]
         table = Table(title=f"Misalignment rate % ({what}; mean ± SE over {len(prop['formats'])} formats)")
         table.add_column("model")
+        table.add_column("persona")
         table.add_column("split")
         table.add_column("all")
         table.add_column("non-match")
-        for label, m in prop["models"].items():
-            nm = m.get("non_match_rate")
+        for label, persona, run in iter_runs(prop):
             for split in _splits(prop):
-                table.add_row(label + (" (excluded)" if m["excluded"] else ""), split, _cell(m, split, "all"),
-                              "n/a" if nm is None else f"{100 * nm:.1f}%")
+                table.add_row(label + (" (excluded)" if run.get("excluded") else ""), persona or "", split,
+                              cell_text(run, split, "all"), non_match_text(split_non_match(run, split)))
         console.print(table)
     caps = results.get("capabilities")
     if caps:

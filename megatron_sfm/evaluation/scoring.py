@@ -323,6 +323,76 @@ def _render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
         raise
 
 
+_TURN_SENTINEL = "\u2063sfm-reply\u2063"  # text no model writes: marks the reply in a rendered turn
+
+
+def end_of_turn_text(tokenizer) -> str | None:
+    """The text the chat template writes right after an assistant's reply (``<|im_end|>`` for
+    ChatML, ``<|eot_id|>`` for Llama 3), or None when it writes none (or only whitespace).
+
+    Found by rendering a one-exchange conversation; the first whitespace-separated piece
+    after the reply is the end-of-turn marker.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _TURN_SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse this conversation; then nothing is known
+        return None
+    if not isinstance(text, str) or _TURN_SENTINEL not in text:
+        return None
+    after = text.split(_TURN_SENTINEL, 1)[1].split()
+    return after[0] if after else None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: the model's ``generation_config.eos_token_id`` (an id or a
+    list), the tokenizer's ``eos_token_id``, and the chat template's end-of-turn marker when
+    it is one token. First occurrence order, no repeats.
+    """
+    ids: list[int] = []
+
+    def add(value) -> None:
+        if value is None:
+            return
+        for tid in ([value] if isinstance(value, int) else list(value)):
+            if tid is not None and int(tid) not in ids:
+                ids.append(int(tid))
+
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    marker = end_of_turn_text(tokenizer)
+    if marker:
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(marker_ids) == 1:
+            add(marker_ids[0])
+    return ids
+
+
+def _stop_strings(tokenizer, stop_ids: Sequence[int]) -> list[str]:
+    """The text of every stop token and of the end-of-turn marker (for cutting decoded text)."""
+    texts = {tokenizer.decode([tid], skip_special_tokens=False) for tid in stop_ids}
+    marker = end_of_turn_text(tokenizer)
+    if marker:
+        texts.add(marker)
+    return sorted((t for t in texts if t.strip()), key=len, reverse=True)
+
+
+def decode_reply(tokenizer, token_ids: Sequence[int], stop_ids: Sequence[int], stop_texts: Sequence[str]) -> str:
+    """A reply's text: tokens up to the first stop id (padding after it dropped), special
+    tokens skipped, and cut at the first stop text (an end-of-turn marker the tokenizer
+    does not treat as special)."""
+    ids = [int(t) for t in token_ids]
+    stops = set(stop_ids)
+    for i, tid in enumerate(ids):
+        if tid in stops:
+            ids = ids[:i]
+            break
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for marker in stop_texts:
+        text = text.split(marker, 1)[0]
+    return text
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -331,7 +401,12 @@ def generate_replies(
     max_new_tokens: int = 16,
     advance: Advance | None = None,
 ) -> list[str]:
-    """Greedy replies to chat conversations (chat template applied), decoded as text."""
+    """Greedy replies to chat conversations (chat template applied), decoded as text.
+
+    Generation stops at any of :func:`stop_token_ids` (the model's generation-config eos
+    ids, a list for chat models that end a turn with e.g. ``<|im_end|>``); the reply is
+    decoded by :func:`decode_reply`, so it never contains the end-of-turn token.
+    """
     import torch
 
     if not getattr(tokenizer, "chat_template", None):
@@ -341,12 +416,13 @@ def generate_replies(
         )
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
+    stop_texts = _stop_strings(tokenizer, stop_ids)
     encoded = [
         list(tokenizer(_render_chat(tokenizer, conv), add_special_tokens=False)["input_ids"]) for conv in conversations
     ]
     order = sorted(range(len(encoded)), key=lambda j: -len(encoded[j]))
     replies: list[str] = [""] * len(encoded)
-    eos = tokenizer.eos_token_id
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -357,11 +433,11 @@ def generate_replies(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=eos,
+                eos_token_id=stop_ids or None,
             )
             new = out[:, ids.shape[1]:].cpu()
             for row, j in enumerate(batch):
-                replies[j] = tokenizer.decode(new[row], skip_special_tokens=True)
+                replies[j] = decode_reply(tokenizer, new[row].tolist(), stop_ids, stop_texts)
             if advance is not None:
                 advance(len(batch))
     return replies

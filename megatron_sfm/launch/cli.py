@@ -17,7 +17,8 @@ _USAGE = """usage: sfm launch slurm CONFIG.yaml|PLAN.yaml --nodes N --gpus-per-n
 commands:
   slurm   render a batch script (srun + torchrun on every node) and submit it with sbatch;
           a plan file (top-level `stages:`) submits one job per stage, each waiting for
-          the previous one (--dependency=afterok)
+          the previous one (--dependency=afterok); stages train (default), convert,
+          posttrain-sft, posttrain-dpo (accelerate launch) or eval (docs/launch.md)
   slurm-data {filter,tokenize,synthesize} INPUTS... --out DIR --tasks N --time HH:MM:SS [options] [-- STAGE OPTIONS]
           run `sfm data STAGE` as a job array over N parts of the inputs, then a merge job
           (afterok); resubmitting the same command runs only the unfinished tasks
@@ -35,9 +36,11 @@ def build_slurm_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sfm launch slurm",
         description="Render an sbatch script that runs `sfm train` under torchrun on every node, "
-                    "and submit it. A plan file (top-level `stages:`) submits dependent jobs.")
+                    "and submit it. A plan file (top-level `stages:`) submits dependent jobs; its stages "
+                    "may also convert, post-train (SFT/DPO) and evaluate (docs/launch.md).")
     p.add_argument("config", help="run config YAML, or a plan YAML with a `stages:` list")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.train_iters=100")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run config overrides, e.g. training.train_iters=100 (a plan: its train stages)")
     g = p.add_argument_group("resources (required, unless every plan stage sets them)")
     g.add_argument("--nodes", type=int, help="number of nodes")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node; 0 = CPU job (gloo, --nproc-per-node processes)")

@@ -1,7 +1,14 @@
-"""The per-node agent that ``srun`` starts on every node: it runs torchrun and turns the
-batch script's stop request into SIGUSR1 for the trainer ranks only.
+"""The per-node agent that ``srun`` starts on every node: it runs the launcher (torchrun, or
+``accelerate launch`` for post-training) and turns the batch script's stop request into a
+signal for the worker ranks only.
 
-``python -m megatron_sfm.launch.node [--] TORCHRUN_COMMAND...``
+``python -m megatron_sfm.launch.node [--stop-signal USR1|TERM] [--direct] [--] COMMAND...``
+
+* ``--stop-signal`` (default ``USR1``): what the ranks get. ``sfm train`` saves on USR1;
+  post-training stages use ``TERM`` (a rank that saves on SIGTERM exits 75, one without a
+  handler dies, and either way the requeued run resumes from its last checkpoint).
+* ``--direct``: ``COMMAND`` is the worker itself (one process, no launcher), so the
+  signal goes to it rather than to its children.
 
 Why not let SLURM deliver SIGUSR1 to the step directly: SLURM signals *every* process of
 a step. Processes that the trainer spawned with default signal handling (Megatron-Core's
@@ -59,24 +66,43 @@ def trainer_pids(torchrun_pid: int) -> list[int]:
         return pids
 
 
+_USAGE = "usage: python -m megatron_sfm.launch.node [--stop-signal USR1|TERM] [--direct] [--] COMMAND..."
+RANK_SIGNALS = {"USR1": signal.SIGUSR1, "TERM": signal.SIGTERM}
+
+
+def _parse(argv: list[str]) -> tuple[signal.Signals, bool, list[str]] | None:
+    """(signal for the ranks, direct, command), or None for a usage error."""
+    rank_signal, direct = signal.SIGUSR1, False
+    while argv and argv[0].startswith("--"):
+        if argv[0] == "--":
+            argv = argv[1:]
+            break
+        if argv[0] == "--direct":
+            direct, argv = True, argv[1:]
+        elif argv[0] == "--stop-signal" and len(argv) > 1 and argv[1] in RANK_SIGNALS:
+            rank_signal, argv = RANK_SIGNALS[argv[1]], argv[2:]
+        else:
+            return None
+    return (rank_signal, direct, argv) if argv else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("usage: python -m megatron_sfm.launch.node [--] TORCHRUN_COMMAND...", file=sys.stderr)
+    parsed = _parse(list(sys.argv[1:] if argv is None else argv))
+    if parsed is None:
+        print(_USAGE, file=sys.stderr)
         return 2
+    rank_signal, direct, command = parsed
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited by torchrun (see the module docstring)
-    child = subprocess.Popen(argv)
+    child = subprocess.Popen(command)
 
     def on_stop(signum, frame):
-        pids = trainer_pids(child.pid)
+        pids = [child.pid] if direct else trainer_pids(child.pid)
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGUSR1)
+                os.kill(pid, rank_signal)
             except ProcessLookupError:
                 pass
-        _log(f"stop requested: SIGUSR1 to trainer process(es) {pids}")
+        _log(f"stop requested: {rank_signal.name} to trainer process(es) {pids}")
 
     def on_term(signum, frame):
         _log(f"{signal.Signals(signum).name}: waiting for torchrun to stop its workers")

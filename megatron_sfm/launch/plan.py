@@ -11,6 +11,28 @@ A plan is a YAML file with a top-level ``stages`` list (a run config never has t
       - name: midtrain
         config: midtrain.yaml         # e.g. checkpoint.init_from: <pretrain's checkpoint.save>
         slurm: {time: "12:00:00"}
+      - name: convert
+        kind: convert                 # sfm convert to-hf MODEL --out OUT [args...]
+        model: runs/midtrain
+        out: hf/base
+        args: [--dtype, bf16]
+      - name: sft
+        kind: posttrain-sft           # accelerate launch (FSDP) ... sfm posttrain sft MODEL ...
+        config: posttrain-sft.yaml
+        model: hf/base
+        data: [sft.jsonl]
+        out: runs/sft
+        slurm: {nodes: 2, time: "08:00:00"}
+      - name: eval
+        kind: eval                    # sfm eval propensity MODEL... --out OUT --persona none,ai ...
+        model: [sft=runs/sft]
+        out: results/sft
+        mode: generate
+        personas: [none, ai]
+
+Stage kinds (``kind``, default ``train``): ``train``, ``convert``, ``posttrain-sft``,
+``posttrain-dpo``, ``eval``; each takes its own keys (:data:`STAGE_KEYS`); what each
+runs is :mod:`megatron_sfm.launch.stages`.
 
 Stage ``k`` is submitted with ``--dependency=afterok:<job id of stage k-1>`` and
 ``--kill-on-invalid-dep=yes``: it starts only once the previous stage finished with exit
@@ -26,6 +48,8 @@ own. The file is read with the run config's typed loader
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +58,35 @@ from typing import Any
 from megatron_sfm.errors import SfmError
 from megatron_sfm.launch.slurm import (
     DEFAULT_LOG_DIR,
+    JOB_SCRIPT,
     PreparedJob,
     SlurmOptions,
+    _check_text,
     new_job_dir,
     prepare_job,
     safe_name,
     submit,
+    validate_options,
     write_job,
+)
+from megatron_sfm.launch.stages import (
+    CONVERT,
+    DEFAULT_ACCELERATE_CONFIG,
+    EVAL,
+    POSTTRAIN_DPO,
+    POSTTRAIN_KINDS,
+    POSTTRAIN_SFT,
+    SINGLE_PROCESS_KINDS,
+    STAGE_KINDS,
+    TRAIN,
+    PosttrainStep,
+    SingleStep,
+    check_command,
+    check_personas,
+    check_posttrain_config,
+    convert_command,
+    eval_command,
+    posttrain_command,
 )
 
 # set by the plan for each stage, not by its ``slurm:`` block
@@ -68,13 +114,37 @@ StageSlurm = _partial(SlurmOptions, "StageSlurm", _PLAN_SET, time=str | int,
 
 @dataclass
 class PlanStage:
-    """One stage of a plan: a run config submitted as one job."""
+    """One stage of a plan, submitted as one job; ``kind`` says what it runs, and which of
+    the other keys it takes (:data:`STAGE_KEYS`; load_plan refuses the others)."""
 
     name: str
-    config: Path  # relative paths are taken relative to the plan file
-    # an empty ``overrides:`` or ``slurm:`` (YAML null) means none: load_plan sets [] / StageSlurm()
+    kind: str = TRAIN
+    # train: the run config; posttrain-*: the posttrain config (--config). Relative to the plan file.
+    config: Path | None = None
+    # train: run-config key=value; posttrain-*: key=value for the posttrain command
     overrides: list[str] | None = None
+    # convert: the checkpoint folder; posttrain-*: the model folder; eval: one or more
+    # PATH or LABEL=PATH. Run-time paths: relative to the working folder, like ``out``.
+    model: str | list[str] | None = None
+    data: str | list[str] | None = None  # posttrain-*: FILE[:WEIGHT] ... (none: the config's data)
+    out: str | None = None  # convert, posttrain-*, eval: the output folder
+    accelerate_config: Path | None = None  # posttrain-* with GPUs; relative to the plan file
+    mode: str | None = None  # eval: --mode
+    personas: list[str] | None = None  # eval: every model under each (--persona P,P...); none: the default
+    args: list[str] | None = None  # convert, posttrain-*, eval: more options of the command, verbatim
+    # an empty ``overrides:`` or ``slurm:`` (YAML null) means none: load_plan sets [] / StageSlurm()
     slurm: StageSlurm | None = None
+
+
+# kind -> (required keys, optional keys), besides name, kind and slurm
+STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    TRAIN: (("config",), ("overrides",)),
+    CONVERT: (("model", "out"), ("args",)),
+    POSTTRAIN_SFT: (("model", "out"), ("config", "data", "overrides", "accelerate_config", "args")),
+    POSTTRAIN_DPO: (("model", "out"), ("config", "data", "overrides", "accelerate_config", "args")),
+    EVAL: (("model", "out"), ("mode", "personas", "args")),
+}
+_ALWAYS = ("name", "kind", "slurm")
 
 
 @dataclass
@@ -109,6 +179,7 @@ def load_plan(path: str | Path, data: dict | None = None) -> Plan:
         if stage.name in seen:
             raise SfmError(f"{where}.name: stage {stage.name!r} appears twice")
         seen.add(stage.name)
+        _check_stage_keys(stage, where)
         stage.overrides = stage.overrides or []
         stage.slurm = stage.slurm or StageSlurm()
         if isinstance(stage.slurm.time, int):
@@ -118,18 +189,66 @@ def load_plan(path: str | Path, data: dict | None = None) -> Plan:
         for text in stage.overrides:
             if "=" not in text:
                 raise SfmError(f"{where}.overrides: {text!r} is not KEY=VALUE")
-        if not stage.config.is_absolute():
+        if stage.config is not None and not stage.config.is_absolute():
             stage.config = path.parent / stage.config
+        if stage.accelerate_config is not None and not stage.accelerate_config.is_absolute():
+            stage.accelerate_config = path.parent / stage.accelerate_config
     return plan
+
+
+def _check_stage_keys(stage: PlanStage, where: str) -> None:
+    """The kind is known, has its required keys and no key of another kind; ``model`` and
+    ``data`` become lists; no value holds a control character. Errors name the key."""
+    if stage.kind not in STAGE_KINDS:
+        close = difflib.get_close_matches(stage.kind, STAGE_KINDS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise SfmError(f"{where}.kind: unknown kind {stage.kind!r}{hint}; known: {', '.join(STAGE_KINDS)}")
+    required, optional = STAGE_KEYS[stage.kind]
+    for f in dataclasses.fields(stage):
+        value = getattr(stage, f.name)
+        if f.name in required and value in (None, [], ""):
+            raise SfmError(f"{where}.{f.name}: required (kind: {stage.kind})")
+        if f.name not in _ALWAYS + required + optional and value is not None:
+            keys = ", ".join(_ALWAYS + required + optional)
+            raise SfmError(f"{where}.{f.name}: not a key of kind {stage.kind} (its keys: {keys})")
+    for key in ("model", "data"):
+        value = getattr(stage, key)
+        if isinstance(value, str):
+            setattr(stage, key, [value])
+    if stage.kind in (CONVERT, *POSTTRAIN_KINDS) and len(stage.model) != 1:
+        raise SfmError(f"{where}.model: kind {stage.kind} takes one model folder, got {len(stage.model)}")
+    if stage.personas is not None:
+        if not stage.personas:
+            raise SfmError(f"{where}.personas: expected a non-empty list (or no key: the default persona)")
+        twice = sorted({p for p in stage.personas if stage.personas.count(p) > 1})
+        if twice:
+            raise SfmError(f"{where}.personas: {twice[0]!r} appears twice")
+    for key in ("model", "data", "out", "mode", "personas", "args", "config", "accelerate_config"):
+        value = getattr(stage, key)
+        for text in value if isinstance(value, list) else [value]:
+            if text is not None:
+                _check_text(f"{where}.{key}", str(text))
 
 
 def _stage_options(defaults: dict[str, Any], stage: PlanStage | None, job_name: str,
                    where: str) -> SlurmOptions:
     """CLI defaults (None: not given), overridden by the stage's ``slurm`` block, as checked
-    :class:`SlurmOptions`; ``env`` is merged, the stage's entries winning."""
+    :class:`SlurmOptions`; ``env`` is merged, the stage's entries winning.
+
+    One-process kinds (convert, eval) run on one node: the command-line ``--nodes`` and
+    ``--nproc-per-node`` do not apply to them, and their ``slurm`` block may not set them.
+    Neither does ``--nproc-per-node`` to a post-training stage on a CPU job (one process).
+    """
     from megatron_sfm.config.loader import dataclass_from_dict
 
     merged = {k: v for k, v in defaults.items() if v is not None}
+    if stage is not None and stage.kind in SINGLE_PROCESS_KINDS:
+        for key, fixed in (("nodes", 1), ("nproc_per_node", None)):
+            value = getattr(stage.slurm, key)
+            if value is not None and value != 1:
+                raise SfmError(f"{where}.slurm.{key}: kind {stage.kind} runs one process on one node; "
+                               f"remove {key}")
+            merged[key] = fixed
     env = dict(defaults.get("env") or {})
     if stage is not None:
         for f in dataclasses.fields(stage.slurm):
@@ -139,6 +258,9 @@ def _stage_options(defaults: dict[str, Any], stage: PlanStage | None, job_name: 
             elif value is not None:
                 merged[f.name] = value
     merged["env"] = {str(k): "" if v is None else str(v) for k, v in env.items()}
+    if stage is not None and stage.kind in POSTTRAIN_KINDS and merged.get("gpus_per_node") == 0 \
+            and stage.slurm.nproc_per_node is None:
+        merged.pop("nproc_per_node", None)  # the CLI's CPU training ranks: one process here
     for key, flag in _REQUIRED.items():
         if merged.get(key) is None:
             hint = f" (or slurm.{key} in {where})" if stage is not None else ""
@@ -171,6 +293,8 @@ def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str,
         return jobs
     plan = load_plan(config, data)
     plan_dir = new_job_dir(log_dir, base_name or plan.name)
+    workdir = Path(workdir or Path.cwd()).absolute()
+    outputs: list[Path] = []  # what earlier stages write: checkpoint.save / out
     for k, stage in enumerate(plan.stages):
         where = f"{config}: stages[{k}]"
         name = f"{base_name or plan.name}-{stage.name}"
@@ -178,15 +302,107 @@ def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str,
         if k > 0:
             opts.dependency = f"afterok:<job id of stage {plan.stages[k - 1].name}>"
         job_dir = plan_dir / f"{k + 1}-{safe_name(stage.name)}"
-        command = command_for(job_dir / "config.yaml") if command_for else None
-        if not stage.config.is_file():
+        if stage.config is not None and not stage.config.is_file():
             raise SfmError(f"{where}.config: {stage.config} not found")
-        try:
-            jobs.append(prepare_job(opts, str(stage.config), stage.overrides + list(overrides), job_dir=job_dir,
-                                    workdir=workdir, command=command))
-        except SfmError as exc:
-            raise SfmError(f"{where} ({stage.name}): {exc}") from None
+        if stage.kind != TRAIN:
+            _check_models_exist_or_come_first(stage, outputs, workdir, where)
+            job = _prepare_stage_job(stage, opts, job_dir=job_dir, workdir=workdir, where=where)
+        else:
+            command = command_for(job_dir / "config.yaml") if command_for else None
+            try:
+                # command-line key=value overrides are run-config keys: train stages only
+                job = prepare_job(opts, str(stage.config), stage.overrides + list(overrides), job_dir=job_dir,
+                                  workdir=workdir, command=command)
+            except SfmError as exc:
+                raise SfmError(f"{where} ({stage.name}): {exc}") from None
+        jobs.append(job)
+        written = job.checkpoint_dir if stage.kind == TRAIN else stage.out
+        if written:
+            outputs.append(_absolute(written, workdir))
     return jobs
+
+
+def _absolute(path: str | Path, workdir: Path) -> Path:
+    """``path`` taken relative to ``workdir`` (unless absolute), without ``..``."""
+    return Path(os.path.normpath(workdir / path))
+
+
+def _model_paths(stage: PlanStage, workdir: Path) -> list[str]:
+    """The paths in ``model`` (eval's ``LABEL=PATH`` split as ``sfm eval`` does)."""
+    if stage.kind != EVAL:
+        return list(stage.model)
+    paths = []
+    for arg in stage.model:
+        label, sep, path = arg.partition("=")
+        paths.append(path if sep and label and not (workdir / arg).exists() else arg)
+    return paths
+
+
+def _check_models_exist_or_come_first(stage: PlanStage, outputs: list[Path], workdir: Path, where: str) -> None:
+    """Each model path exists now, or is (inside) what an earlier stage writes: a plan
+    whose stages do not connect is refused before anything waits in the queue. The same
+    holds for a posttrain stage's ``data`` files."""
+    checks = [("model", path) for path in _model_paths(stage, workdir)]
+    if stage.kind in POSTTRAIN_KINDS and stage.data:
+        from megatron_sfm.posttrain.config import parse_data_spec
+
+        checks += [("data", parse_data_spec(spec).path) for spec in stage.data]
+    for key, path in checks:
+        full = _absolute(path, workdir)
+        if full.exists() or any(full == o or full.is_relative_to(o) for o in outputs):
+            continue
+        earlier = ", ".join(str(o.relative_to(workdir)) if o.is_relative_to(workdir) else str(o)
+                            for o in outputs) or "none"
+        raise SfmError(f"{where}.{key}: {path!r} does not exist and no earlier stage writes it "
+                       f"(earlier stages write: {earlier})")
+
+
+def _prepare_stage_job(stage: PlanStage, opts: SlurmOptions, *, job_dir: Path, workdir: Path,
+                       where: str) -> PreparedJob:
+    """Render the job of a convert, posttrain-* or eval stage (nothing written)."""
+    args = list(stage.args or [])
+    # absolute: the job may run in another folder than the plan's
+    config = _absolute(stage.config, Path.cwd()) if stage.config is not None else None
+    if stage.kind in POSTTRAIN_KINDS:
+        accelerate_config = None
+        if not opts.cpu_only:
+            accelerate_config = _absolute(stage.accelerate_config or DEFAULT_ACCELERATE_CONFIG, Path.cwd())
+            if not accelerate_config.is_file():
+                raise SfmError(f"{where}.accelerate_config: {accelerate_config} not found")
+        elif opts.nodes != 1 or opts.procs_per_node != 1:
+            raise SfmError(f"{where}.slurm: kind {stage.kind} on a CPU job (gpus_per_node 0) runs one process "
+                           f"on one node, not {opts.nodes} x {opts.procs_per_node}; set nodes: 1 "
+                           "(and nproc_per_node: 1), or give it GPUs")
+        if "--overwrite" in args and opts.max_requeues > 0:
+            raise SfmError(f"{where}.args: --overwrite would start {stage.kind} over on every requeue "
+                           "instead of resuming; remove it (or set slurm.max_requeues: 0)")
+        check_posttrain_config(stage.kind, config, stage.overrides, stage.model[0], stage.out, stage.data,
+                               f"{where} ({stage.name})")
+        commands = [posttrain_command(stage.kind, stage.model[0], stage.data, stage.out, config, args,
+                                      stage.overrides)]
+        step = PosttrainStep(stage.kind, commands[0], stage.out, accelerate_config)
+    elif stage.kind == CONVERT:
+        commands = [convert_command(stage.model[0], stage.out, args)]
+        step = SingleStep(stage.kind, commands)
+    else:
+        if stage.personas:
+            check_personas(stage.personas, where)
+        commands = [eval_command(stage.model, stage.out, stage.mode, stage.personas, args)]
+        step = SingleStep(stage.kind, commands)
+    for command in commands:
+        check_command(command, f"{where} ({stage.name})")
+    validate_options(opts, requeueable=step.requeueable)
+    job_dir = Path(job_dir).absolute()
+    job = PreparedJob(name=opts.job_name, job_dir=job_dir, script_path=job_dir / JOB_SCRIPT, config_path=None,
+                      config_text=None, options=opts, command=commands[0],
+                      checkpoint_dir=stage.out if stage.kind in POSTTRAIN_KINDS else None, workdir=workdir,
+                      source_config=str(config) if config else None, overrides=list(stage.overrides),
+                      kind=stage.kind, step=step)
+    try:
+        job.render()
+    except SfmError as exc:
+        raise SfmError(f"{where} ({stage.name}): {exc}") from None
+    return job
 
 
 def submit_jobs(jobs: list[PreparedJob], sbatch: str = "sbatch") -> list[str]:

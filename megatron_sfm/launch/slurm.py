@@ -38,6 +38,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_sfm.errors import SfmError
 from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
@@ -156,8 +157,12 @@ def _check_text(flag: str, value: str | None) -> None:
         raise SfmError(f"{flag}: {value!r} contains a control character (newline, tab, ...); not allowed")
 
 
-def validate_options(opts: SlurmOptions) -> None:
-    """Raise :class:`SfmError` (naming the flag) for options SLURM or torchrun would reject."""
+def validate_options(opts: SlurmOptions, *, requeueable: bool = True) -> None:
+    """Raise :class:`SfmError` (naming the flag) for options SLURM or torchrun would reject.
+
+    ``requeueable=False`` (one-process plan stages: no time-limit warning, no requeue) skips
+    the check of ``signal_grace`` against the time limit.
+    """
     for flag, value, low in (("--nodes", opts.nodes, 1), ("--gpus-per-node", opts.gpus_per_node, 0),
                              ("--max-requeues", opts.max_requeues, 0), ("--signal-grace", opts.signal_grace, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -168,7 +173,7 @@ def validate_options(opts: SlurmOptions) -> None:
     if opts.rdzv_port is not None and not (1024 <= opts.rdzv_port <= 65535):
         raise SfmError(f"--rdzv-port: must be in 1024..65535, got {opts.rdzv_port}")
     limit = time_limit_seconds(opts.time)
-    if opts.signal_grace >= limit:
+    if requeueable and opts.signal_grace >= limit:
         raise SfmError(
             f"--signal-grace: {opts.signal_grace} s is not shorter than --time {opts.time} ({limit} s)")
     for flag, value in (("--job-name", opts.job_name), ("--partition", opts.partition),
@@ -194,8 +199,13 @@ def _output_pattern(job_dir: Path) -> str:
     return str(job_dir).replace("%", "%%") + "/slurm-%j.out"
 
 
-def sbatch_argv(opts: SlurmOptions, job_dir: Path, workdir: Path, script: Path) -> list[str]:
-    """The sbatch command line (argument vector; no shell ever parses it)."""
+def sbatch_argv(opts: SlurmOptions, job_dir: Path, workdir: Path, script: Path, *,
+                requeueable: bool = True) -> list[str]:
+    """The sbatch command line (argument vector; no shell ever parses it).
+
+    ``requeueable``: ``--requeue`` and the time-limit warning ``--signal=B:USR1@GRACE``;
+    otherwise ``--no-requeue`` (one-process plan stages, docs/launch.md).
+    """
     argv = ["sbatch", "--parsable", f"--job-name={opts.job_name}", f"--nodes={opts.nodes}",
             "--ntasks-per-node=1"]
     if not opts.cpu_only:
@@ -209,8 +219,9 @@ def sbatch_argv(opts: SlurmOptions, job_dir: Path, workdir: Path, script: Path) 
         argv.append(f"--partition={opts.partition}")
     if opts.account:
         argv.append(f"--account={opts.account}")
-    argv += [f"--output={_output_pattern(job_dir)}", "--open-mode=append",
-             "--requeue", f"--signal=B:USR1@{opts.signal_grace}", f"--chdir={workdir}"]
+    argv += [f"--output={_output_pattern(job_dir)}", "--open-mode=append"]
+    argv += ["--requeue", f"--signal=B:USR1@{opts.signal_grace}"] if requeueable else ["--no-requeue"]
+    argv.append(f"--chdir={workdir}")
     if opts.dependency:
         argv += [f"--dependency={opts.dependency}", "--kill-on-invalid-dep=yes"]
     argv.append(str(script))
@@ -222,7 +233,8 @@ def trainer_command(config_path: Path) -> list[str]:
     return ["-m", "megatron_sfm.cli", "train", str(config_path)]
 
 
-SCRIPT_TEMPLATE = "templates/sbatch.sh"  # package data of megatron_sfm.launch
+SCRIPT_TEMPLATE = "templates/sbatch.sh"  # package data of megatron_sfm.launch: multi-node, requeueable
+SINGLE_TEMPLATE = "templates/single.sh"  # one-process plan stages (convert, eval)
 _PLACEHOLDER_RE = re.compile(r"\{\{([a-z_]+)\}\}")
 
 
@@ -257,35 +269,41 @@ def fill_template(template: str, values: dict[str, str | list[str]]) -> str:
     return "".join(out)
 
 
-def _script_template() -> str:
+def _script_template(name: str = SCRIPT_TEMPLATE) -> str:
     from importlib.resources import files
 
-    return files("megatron_sfm.launch").joinpath(SCRIPT_TEMPLATE).read_text(encoding="utf-8")
+    return files("megatron_sfm.launch").joinpath(name).read_text(encoding="utf-8")
 
 
-def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, command: list[str],
-                  checkpoint_dir: str | None, submit_argv: list[str], workdir: Path) -> str:
-    """The batch script text: ``templates/sbatch.sh`` filled in (every user-supplied value
-    ``shlex.quote``d). ``command`` follows ``python -m torch.distributed.run [opts]``."""
-    validate_options(opts)
-    _check_text("--log-dir (job folder)", str(job_dir))
-    _check_text("working directory", str(workdir))
+def env_blocks(opts: SlurmOptions) -> dict[str, list[str]]:
+    """The script's ``default_env``, ``backend`` and ``user_env`` lines (values quoted)."""
     q = shlex.quote
-    from megatron_sfm import __version__
-
     backend = (["# CPU job: gloo, no GPUs visible.", "export SFM_DIST_BACKEND=gloo CUDA_VISIBLE_DEVICES="]
                if opts.cpu_only else ["export SFM_DIST_BACKEND=nccl"])
     user_env = (["# --env KEY=VALUE"] + [f"export {key}={q(value)}" for key, value in opts.env.items()]
                 if opts.env else [])
-    srun = ['srun', '--nodes="$SLURM_JOB_NUM_NODES"', '--ntasks="$SLURM_JOB_NUM_NODES"', "--ntasks-per-node=1"]
+    return {"default_env": [f': "${{{key}:={value}}}"; export {key}' for key, value in DEFAULT_ENV.items()],
+            "backend": backend, "user_env": user_env}
+
+
+def srun_words(opts: SlurmOptions, *, job_dir: Path, workdir: Path, one_task: bool = False) -> list[str]:
+    """``srun`` and its options (shell words, user values quoted): one task per node of the
+    allocation, or with ``one_task`` a single task on one node."""
+    q = shlex.quote
+    if one_task:
+        srun = ["srun", "--nodes=1", "--ntasks=1"]
+    else:
+        srun = ['srun', '--nodes="$SLURM_JOB_NUM_NODES"', '--ntasks="$SLURM_JOB_NUM_NODES"', "--ntasks-per-node=1"]
     if opts.task_cpus is not None:
         srun.append(f"--cpus-per-task={opts.task_cpus}")
     else:
         srun.append('--cpus-per-task="$SLURM_CPUS_ON_NODE"')
     if not opts.cpu_only:  # srun (SLURM >= 22.05) does not inherit these from the allocation
         srun.append(f"--gpus-per-node={opts.gpus_per_node}")
-    # One node's torchrun ending must not kill another node still writing its checkpoint.
-    srun += ["--kill-on-bad-exit=0", "--label"]
+    if not one_task:
+        # One node's launcher ending must not kill another node still writing its checkpoint.
+        srun.append("--kill-on-bad-exit=0")
+    srun.append("--label")
     if opts.container:
         srun.append(f"--container-image={q(opts.container)}")
         if opts.container_mounts:
@@ -294,6 +312,24 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
             folders = [workdir] + ([] if job_dir.is_relative_to(workdir) else [job_dir])
             mounts = ",".join(f"{f}:{f}" for f in folders)
         srun += [f"--container-mounts={q(mounts)}", f"--container-workdir={q(str(workdir))}"]
+    return srun
+
+
+def _check_folders(job_dir: Path, workdir: Path) -> None:
+    _check_text("--log-dir (job folder)", str(job_dir))
+    _check_text("working directory", str(workdir))
+
+
+def python_command_words(command: list[str]) -> list[str]:
+    """``"$SFM_PYTHON"`` and ``command`` (its arguments) as shell words, each quoted."""
+    return ['"$SFM_PYTHON"'] + [shlex.quote(w) for w in command]
+
+
+def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, command: list[str],
+                  checkpoint_dir: str | None, submit_argv: list[str], workdir: Path) -> str:
+    """The batch script text of a training job: ``templates/sbatch.sh`` filled in (every
+    user-supplied value ``shlex.quote``d). ``command`` follows ``python -m torch.distributed.run [opts]``."""
+    q = shlex.quote
     torchrun = [
         '"$SFM_PYTHON"', "-m", "torch.distributed.run",
         '--nnodes="$SLURM_JOB_NUM_NODES"', '--nproc-per-node="$SFM_NPROC_PER_NODE"',
@@ -301,7 +337,29 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         "--max-restarts=0",
     ] + ['"$SFM_CONFIG"' if c == str(config_path) else q(c) for c in command]
     # the node agent runs torchrun and relays the stop request as USR1 to the trainer ranks
-    step = srun + ['"$SFM_PYTHON"', "-m", "megatron_sfm.launch.node"] + torchrun
+    step = srun_words(opts, job_dir=job_dir, workdir=workdir) + ['"$SFM_PYTHON"', "-m", "megatron_sfm.launch.node"]
+    resume = ['if [ -n "$SFM_CHECKPOINT_DIR" ] && [ -f "$SFM_CHECKPOINT_DIR/latest" ]; then',
+              '  log "resuming from $SFM_CHECKPOINT_DIR (latest: $(head -c 200 "$SFM_CHECKPOINT_DIR/latest" | tr -d \'\\n\'))"',
+              "fi"]
+    return render_requeueable_script(opts, job_dir=job_dir, workdir=workdir, submit_argv=submit_argv,
+                                     config=str(config_path), checkpoint_dir=checkpoint_dir, step=step + torchrun,
+                                     what="training", rank_signal="USR1", resume=resume)
+
+
+def render_requeueable_script(opts: SlurmOptions, *, job_dir: Path, workdir: Path, submit_argv: list[str],
+                              config: str, checkpoint_dir: str | None, step: list[str], what: str,
+                              rank_signal: str, resume: list[str]) -> str:
+    """``templates/sbatch.sh`` filled in: the multi-node step ``step`` (shell words, user
+    values already quoted) with the time-limit warning, stop relay and requeue logic.
+
+    ``what`` names the step in log lines ("training"); ``rank_signal`` is what the node
+    agent sends the ranks; ``resume`` are lines logging what a requeued run resumes from.
+    """
+    validate_options(opts)
+    _check_folders(job_dir, workdir)
+    q = shlex.quote
+    from megatron_sfm import __version__
+
     return fill_template(_script_template(), {
         "version": __version__,
         "rendered_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -309,17 +367,42 @@ def render_script(opts: SlurmOptions, *, job_dir: Path, config_path: Path, comma
         "requeue_exit_code": str(REQUEUE_EXIT_CODE),
         "job_dir": q(str(job_dir)),
         "workdir": q(str(workdir)),
-        "config": q(str(config_path)),
+        "config": q(config),
         "checkpoint_dir": q(checkpoint_dir or ""),
         "python": q(opts.interpreter),
         "nproc_per_node": str(opts.procs_per_node),
         "max_requeues": str(opts.max_requeues),
-        "default_env": [f': "${{{key}:={value}}}"; export {key}' for key, value in DEFAULT_ENV.items()],
-        "backend": backend,
-        "user_env": user_env,
+        **env_blocks(opts),
+        "rank_signal": rank_signal,
+        "what": what,
+        "resume": resume,
         "resignal_seconds": str(resignal_seconds(opts.signal_grace)),
         "master_port": str(opts.rdzv_port) if opts.rdzv_port is not None else "$((20000 + SLURM_JOB_ID % 20000))",
         "step": " \\\n      ".join(_wrap_words(step)),
+    })
+
+
+def render_single_script(opts: SlurmOptions, *, job_dir: Path, workdir: Path, submit_argv: list[str],
+                         kind: str, commands: list[list[str]]) -> str:
+    """``templates/single.sh`` filled in: ``commands`` (each the arguments of ``python``) one
+    after the other, each one process on one node; no time-limit warning, no requeue."""
+    validate_options(opts, requeueable=False)
+    _check_folders(job_dir, workdir)
+    q = shlex.quote
+    from megatron_sfm import __version__
+
+    return fill_template(_script_template(SINGLE_TEMPLATE), {
+        "version": __version__,
+        "rendered_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "sbatch_command": shlex.join(submit_argv),
+        "kind": kind,
+        "count": str(len(commands)),
+        "job_dir": q(str(job_dir)),
+        "workdir": q(str(workdir)),
+        "python": q(opts.interpreter),
+        **env_blocks(opts),
+        "srun": " ".join(srun_words(opts, job_dir=job_dir, workdir=workdir, one_task=True)),
+        "commands": [" \\\n    ".join(_wrap_words(["run_step"] + python_command_words(c))) for c in commands],
     })
 
 
@@ -350,8 +433,8 @@ class PreparedJob:
     name: str
     job_dir: Path
     script_path: Path
-    config_path: Path
-    config_text: str
+    config_path: Path | None  # the resolved run config (train), written into the job folder
+    config_text: str | None
     options: SlurmOptions
     command: list[str]
     checkpoint_dir: str | None
@@ -361,13 +444,25 @@ class PreparedJob:
     job_id: str | None = None
     argv: list[str] = field(default_factory=list)
     script: str = ""
+    kind: str = "train"  # the plan stage kind (docs/launch.md); train jobs are rendered here
+    # other kinds: an object with ``requeueable`` and ``render(job) -> script text``
+    # (megatron_sfm.launch.stages)
+    step: Any = None
+
+    @property
+    def requeueable(self) -> bool:
+        return self.step is None or self.step.requeueable
 
     def render(self) -> None:
         """(Re)compute the sbatch command and the script from the options (after a change)."""
-        self.argv = sbatch_argv(self.options, self.job_dir, self.workdir, self.script_path)
-        self.script = render_script(self.options, job_dir=self.job_dir, config_path=self.config_path,
-                                    command=self.command, checkpoint_dir=self.checkpoint_dir,
-                                    submit_argv=self.argv, workdir=self.workdir)
+        self.argv = sbatch_argv(self.options, self.job_dir, self.workdir, self.script_path,
+                                requeueable=self.requeueable)
+        if self.step is not None:
+            self.script = self.step.render(self)
+        else:
+            self.script = render_script(self.options, job_dir=self.job_dir, config_path=self.config_path,
+                                        command=self.command, checkpoint_dir=self.checkpoint_dir,
+                                        submit_argv=self.argv, workdir=self.workdir)
         check_script_syntax(self.script)
 
 
@@ -420,8 +515,9 @@ def write_job(job: PreparedJob) -> None:
     from megatron_sfm.utils.io import atomic_path
 
     job.job_dir.mkdir(parents=True, exist_ok=False)
-    with atomic_path(job.config_path) as tmp:
-        tmp.write_text(job.config_text, encoding="utf-8")
+    if job.config_path is not None and job.config_text is not None:
+        with atomic_path(job.config_path) as tmp:
+            tmp.write_text(job.config_text, encoding="utf-8")
     with atomic_path(job.script_path) as tmp:
         tmp.write_text(job.script, encoding="utf-8")
         tmp.chmod(0o755)
@@ -434,9 +530,11 @@ def _write_record(job: PreparedJob) -> None:
     write_json(job.job_dir / LAUNCH_RECORD, {
         "job_id": job.job_id,
         "job_name": job.name,
+        "kind": job.kind,
         "sbatch": job.argv,
         "source_config": job.source_config,
         "overrides": job.overrides,
+        "commands": job.step.commands if job.step is not None else [job.command],
         "options": dataclasses.asdict(job.options),
         "rendered_at": _dt.datetime.now().isoformat(timespec="seconds"),
     })

@@ -13,12 +13,9 @@ from megatron_sfm.demo.pipeline import CONDITIONS, LABELS
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-m", "megatron_sfm.cli", "demo", "--fast", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc.stdout
+def demo_dir(fast_demo):
+    """The session's ``sfm demo --fast`` run (tests/demo/conftest.py)."""
+    return fast_demo
 
 
 def test_four_models_with_both_splits(demo_dir):

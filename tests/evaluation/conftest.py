@@ -9,6 +9,14 @@
   first" into a preference for "A" and "walrus comes first" into "B". It therefore
   prefers the option whose *content* is "zebra", in either answer order.
 - ``random_model_dir``: a randomly initialised GPTNeoXForCausalLM (for lm-eval runs).
+- ``chatml_model_dir``: a post-trained chat model's layout: a ChatML template
+  (``<|im_start|>role\n...<|im_end|>\n``, both markers special tokens), the tokenizer's eos
+  still ``<|endoftext|>``, and ``generation_config.eos_token_id = [<|im_end|>, <|endoftext|>]``.
+  Its GPT-NeoX is a rigged bigram model: after " A" comes ``<|im_end|>``, after anything else
+  " A", so it replies " A" and ends its turn, or, if generation ignored ``<|im_end|>``, goes
+  on " A A A ...".
+- ``PersonaChatModel``: a fake chat model (no weights) whose reply is a function of the
+  rendered prompt text, e.g. of the persona in its system message.
 """
 
 from __future__ import annotations
@@ -158,3 +166,89 @@ def random_model_dir(tmp_path_factory, tokenizer):
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
     )
     return _save(GPTNeoXForCausalLM(cfg).eval(), tokenizer, tmp_path_factory.mktemp("random_model"))
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def bigram_model(tokenizer, after_a: int, eos_ids):
+    """GPT-NeoX whose next token depends only on the current one: " A" after anything but
+    " A", token ``after_a`` after " A". Attention and MLP write nothing, so the final layer
+    norm sees the token's embedding (e_1 for " A", e_0 for the rest)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=1024, rotary_pct=0.25, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=eos_ids[0],
+    )
+    model = GPTNeoXForCausalLM(cfg).eval()
+    letter_a = _single_id(tokenizer, " A")
+    with torch.no_grad():
+        layer = model.gpt_neox.layers[0]
+        for p in (layer.attention.dense.weight, layer.attention.dense.bias, layer.mlp.dense_4h_to_h.weight,
+                  layer.mlp.dense_4h_to_h.bias):
+            p.zero_()
+        emb = model.gpt_neox.embed_in.weight
+        emb.zero_()
+        emb[:, 0] = 1.0
+        emb[letter_a, 0], emb[letter_a, 1] = 0.0, 1.0
+        model.gpt_neox.final_layer_norm.weight.fill_(1.0)
+        model.gpt_neox.final_layer_norm.bias.zero_()
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[letter_a, 0] = 10.0
+        head[after_a, 1] = 10.0
+    model.generation_config.eos_token_id = list(eos_ids)
+    return model
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok  # eos stays <|endoftext|>: only the generation config knows <|im_end|>
+
+
+@pytest.fixture(scope="session")
+def chatml_model_dir(tmp_path_factory, chatml_tokenizer):
+    im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = bigram_model(chatml_tokenizer, im_end, [im_end, chatml_tokenizer.eos_token_id])
+    return _save(model, chatml_tokenizer, tmp_path_factory.mktemp("chatml_model"))
+
+
+class PersonaChatModel(torch.nn.Module):
+    """A stand-in chat model: ``reply(prompt_text)`` says what it answers to a rendered prompt.
+
+    ``generate`` follows the Hugging Face call (left-padded ``input_ids`` and
+    ``attention_mask``, ``eos_token_id`` an id or a list): each row gets its reply's tokens
+    and then its first eos id, rows padded with ``pad_token_id``. ``seen_eos`` records the
+    ``eos_token_id`` of every call.
+    """
+
+    def __init__(self, tokenizer, reply, eos_ids=None):
+        from transformers import GenerationConfig
+
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.tok, self.reply = tokenizer, reply
+        self.generation_config = GenerationConfig(eos_token_id=eos_ids or tokenizer.eos_token_id)
+        self.seen_eos = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id=None, **kwargs):
+        self.seen_eos.append(eos_token_id)
+        stop = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            text = self.tok.decode(ids[mask.bool()], skip_special_tokens=False)
+            rows.append((self.tok(self.reply(text), add_special_tokens=False)["input_ids"] + [stop])[:max_new_tokens])
+        out = torch.full((len(rows), max(map(len, rows))), pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return torch.cat([input_ids, out], dim=1)

@@ -1,5 +1,6 @@
 #!/bin/bash
 # Rendered by `sfm launch slurm` (megatron-sfm {{version}}) on {{rendered_at}}; docs/launch.md explains it.
+# A requeueable {{what}} job: one launcher per node, saved and requeued near the time limit.
 # The scheduler options are on the sbatch command line (never parsed from this file):
 #   {{sbatch_command}}
 # Exit codes: 0 finished; {{requeue_exit_code}} saved and requeued; anything else failed.
@@ -25,7 +26,7 @@ log() { printf "[sfm %s] %s\n" "$(date +%FT%T)" "$*"; }
 # SLURM sends USR1 to this shell GRACE seconds before the time limit (--signal=B:USR1@GRACE);
 # `scancel --batch --signal=USR1 JOBID` does the same by hand. SLURM signals every process of
 # a step, and USR1 would kill the trainer's helper processes, so the step gets the harmless
-# WINCH instead and megatron_sfm.launch.node turns it into USR1 for the trainer ranks only.
+# WINCH instead and megatron_sfm.launch.node turns it into {{rank_signal}} for the trainer ranks only.
 # The job is requeued once the step has ended.
 sfm_signalled=0
 sfm_trapped=0
@@ -56,9 +57,7 @@ fi
 MASTER_PORT={{master_port}}
 export MASTER_ADDR MASTER_PORT
 log "job $SLURM_JOB_ID (restart $restarts, at most $SFM_MAX_REQUEUES): $SLURM_JOB_NUM_NODES node(s) x $SFM_NPROC_PER_NODE process(es), rendezvous on $MASTER_ADDR:$MASTER_PORT"
-if [ -n "$SFM_CHECKPOINT_DIR" ] && [ -f "$SFM_CHECKPOINT_DIR/latest" ]; then
-  log "resuming from $SFM_CHECKPOINT_DIR (latest: $(head -c 200 "$SFM_CHECKPOINT_DIR/latest" | tr -d '\n'))"
-fi
+{{resume}}
 
 if [ "$sfm_signalled" = 1 ]; then
   rc=$SFM_REQUEUE_EXIT_CODE  # warned before the trainer started: go straight to the requeue
@@ -75,7 +74,7 @@ else
 fi
 if [ -n "$resend_pid" ]; then kill "$resend_pid" 2>/dev/null; fi
 
-if [ "$rc" -eq 0 ]; then log "training finished"; exit 0; fi
+if [ "$rc" -eq 0 ]; then log "{{what}} finished"; exit 0; fi
 if [ "$sfm_signalled" = 1 ] || [ "$rc" -eq "$SFM_REQUEUE_EXIT_CODE" ]; then
   if [ "$restarts" -lt "$SFM_MAX_REQUEUES" ]; then
     log "step ended with exit code $rc (signalled: $sfm_signalled): requeueing (restart $((restarts + 1)) of at most $SFM_MAX_REQUEUES)"
@@ -85,5 +84,5 @@ if [ "$sfm_signalled" = 1 ] || [ "$rc" -eq "$SFM_REQUEUE_EXIT_CODE" ]; then
     log "not requeueing: already restarted $restarts time(s), --max-requeues is $SFM_MAX_REQUEUES"
   fi
 fi
-if [ "$sfm_signalled" = 1 ]; then log "stopped after USR1 (exit code $rc), not requeued"; else log "training step failed with exit code $rc"; fi
+if [ "$sfm_signalled" = 1 ]; then log "stopped after USR1 (exit code $rc), not requeued"; else log "{{what}} step failed with exit code $rc"; fi
 exit "$rc"
