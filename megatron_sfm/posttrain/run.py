@@ -185,14 +185,8 @@ def _source_model(model_dir: Path) -> dict[str, Any]:
     info["config_sha256"] = file_digest(model_dir / "config.json")[1]
     info["weights"] = {p.name: p.stat().st_size for p in sorted(model_dir.glob("*.safetensors"))}
     if (model_dir / MANIFEST).is_file():
-        from megatron_sfm.utils.readers import read_json
-
-        try:
-            manifest = read_json(model_dir / MANIFEST)
-        except SfmError:
-            manifest = None
-        if isinstance(manifest, dict):
-            info["posttrain_stage"] = manifest.get("stage")
+        with contextlib.suppress(SfmError):
+            info["posttrain_stage"] = read_manifest(model_dir).get("stage")
     return info
 
 
