@@ -103,7 +103,7 @@ def dpo_file(data_dir):
     return write_jsonl(data_dir / "dpo.jsonl", dpo_rows())
 
 
-TINY = Path(__file__).resolve().parents[2] / "examples/configs/posttrain-tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "examples/posttrain/tiny.yaml"
 
 
 def tiny_config(kind: str, model, out, data, *overrides: str):

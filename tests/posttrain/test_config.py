@@ -93,6 +93,6 @@ def test_accelerate_configs_parse():
         cfg = ClusterConfig.from_yaml_file(REPO / "examples/accelerate" / name)
         assert str(cfg.distributed_type).endswith("FSDP") and cfg.mixed_precision == "bf16"
         assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "GPTNeoXLayer"
-    tiny = load_stage_config("dpo", REPO / "examples/configs/posttrain-tiny.yaml", [], model="m", out="o",
+    tiny = load_stage_config("dpo", REPO / "examples/posttrain/tiny.yaml", [], model="m", out="o",
                              data=["d.jsonl"])
     assert tiny.max_steps == 12 and tiny.bf16 is False
