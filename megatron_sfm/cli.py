@@ -29,15 +29,16 @@ GROUPS: dict[str, tuple[str, str]] = {
 
 def available_groups() -> dict[str, tuple[str, str]]:
     """The groups whose module exists in this installation."""
-    found = {}
-    for name, (module, help_text) in GROUPS.items():
-        try:
-            spec = importlib.util.find_spec(module)
-        except ModuleNotFoundError:
-            spec = None
-        if spec is not None:
-            found[name] = (module, help_text)
-    return found
+    return {name: entry for name, entry in GROUPS.items() if _present(entry[0])}
+
+
+def _present(module: str) -> bool:
+    # find_spec imports the parent package, so the listing looks up every group but a
+    # command only its own (``sfm data tokenize`` does not import megatron_sfm.evaluation)
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _usage(groups: dict[str, tuple[str, str]]) -> str:
@@ -51,9 +52,8 @@ def _usage(groups: dict[str, tuple[str, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    groups = available_groups()
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(groups))
+        print(_usage(available_groups()))
         return 0 if argv else 2
     if argv[0] == "--version":
         from megatron_sfm import __version__
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-sfm {__version__}")
         return 0
     name = argv[0]
-    if name not in groups:
-        print(f"error: unknown command {name!r}; known: {', '.join(groups)}", file=sys.stderr)
+    if name not in GROUPS or not _present(GROUPS[name][0]):
+        print(f"error: unknown command {name!r}; known: {', '.join(available_groups())}", file=sys.stderr)
         return 2
-    module = importlib.import_module(groups[name][0])
+    module = importlib.import_module(GROUPS[name][0])
     try:
         return int(module.main(argv[1:]) or 0)
     except SfmError as exc:

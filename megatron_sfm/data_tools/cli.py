@@ -7,6 +7,8 @@ module when it runs, so ``sfm data filter`` never imports torch.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from megatron_sfm.errors import SfmError
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-append-eod", action="store_true", help="do not append the EOD token to each document")
     p.add_argument("--backend", choices=("auto", "gigatoken", "tokenizers"), default="auto")
     p.add_argument("--eod-token", default=None, help="end-of-document token (default: the tokenizer's eos token)")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="work unit per worker task, in MB of input")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="work unit per worker task, in MiB of input")
     p.add_argument("--writer", choices=("numpy", "megatron"), default="numpy",
                    help="numpy (default): writes the .bin/.idx without importing Megatron-Core or torch; "
                         "megatron: through Megatron-Core's IndexedDatasetBuilder (the same bytes, tested)")
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "numpy" not in sys.modules:
+        # The data tools do no linear algebra: without this, numpy's OpenBLAS starts a
+        # thread per core at import, which costs tokenize about 0.1 CPU-s per run that
+        # its worker processes could use.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
     return {"filter": _filter, "tokenize": _tokenize, "inspect": _inspect, "train-tokenizer": _train_tokenizer, "mix": _mix,
             "synthesize": _synthesize}[

@@ -47,7 +47,12 @@ import orjson
 
 from megatron_sfm.errors import SfmError
 
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Room for a chunk's tokens: a chunk is chunk_bytes plus the rest of its last line, a
+# byte-level BPE gives at most one token per byte of text, and a JSON line's syntax leaves
+# room for its EOD; a chunk that still does not fit is handled (a new array in one worker,
+# the result pipe with several).
+_SLOT_MARGIN_TOKENS = 1 << 20
 
 
 @dataclass
@@ -155,9 +160,13 @@ def _set_worker_state(tokenizer, cfg: dict[str, Any]) -> None:
     _TOK, _CFG = tokenizer, cfg
 
 
-def encode_chunk(chunk: Chunk) -> Encoded:
+def encode_chunk(chunk: Chunk, out: np.ndarray | None = None) -> Encoded:
     """Parse and encode one chunk (in a worker). Bad lines are reported, not raised, so
-    that the parent can name the file line."""
+    that the parent can name the file line.
+
+    With ``out`` (a 1-D array of the output dtype), the tokens are written into it when
+    they fit (``Encoded.tokens`` is then a view of ``out``), else into a new array.
+    """
     text_key, skip_bad, append_eod, dtype = _CFG["text_key"], _CFG["skip_bad_lines"], _CFG["append_eod"], _CFG["dtype"]
     bad: list[int] = []
     newlines = 0
@@ -169,43 +178,107 @@ def encode_chunk(chunk: Chunk) -> Encoded:
             with open(chunk.source, "rb") as f:
                 f.seek(chunk.offset)
                 raw = f.read(chunk.nbytes)
-        newlines = raw.count(b"\n")
-        texts = []
-        for i, line in enumerate(raw.split(b"\n")):
-            if not line or line.isspace():
+        texts, newlines, bad, error = _parse_lines(raw, text_key, skip_bad)
+        if error is not None:
+            return Encoded(np.zeros(0, dtype), np.zeros(0, np.int64), chunk.nbytes, newlines, bad, error)
+    arrays = _TOK.encode_arrays(texts)
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    if append_eod:
+        eod = np.array([_CFG["eod_id"]], np.uint32)
+        parts = []
+        for a in arrays:
+            if len(a):  # a document with no tokens gets no EOD (and no sequence)
+                parts.append(a)
+                parts.append(eod)
+        lengths += lengths > 0
+    else:
+        parts = arrays
+    total = int(lengths.sum())
+    if out is not None and total <= len(out):
+        flat = out[:total]
+    else:
+        flat = np.empty(total, dtype)
+    if total:
+        np.concatenate(parts, out=flat, casting="unsafe")  # ids < 2**16 (uint16) or < 2**31 (int32)
+    max_id = int(flat.max()) if total else -1
+    return Encoded(flat, lengths, chunk.nbytes, newlines, bad, max_id=max_id)
+
+
+_UNPARSED = object()
+
+
+def _parse_lines(raw: bytes, text_key: str, skip_bad: bool) -> tuple[list[str], int, list[int], tuple[int, str] | None]:
+    """The ``text_key`` strings of a block of JSONL lines: (texts, newline count, bad line
+    numbers, first error). Line numbers are 0-based within the block; blank lines are skipped.
+
+    Lines are parsed in place (memoryview slices at the newline positions numpy finds), with
+    orjson; Python's json (which also takes NaN, BOMs, UTF-16, lone surrogates) decides and
+    words the error when orjson refuses a line.
+    """
+    view = memoryview(raw)
+    ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == 10).tolist()
+    newlines = len(ends)
+    if not raw.endswith(b"\n"):
+        ends.append(len(raw))
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    texts: list[str] = []
+    bad: list[int] = []
+    start = 0
+    for i, end in enumerate(ends):
+        line = view[start:end]
+        start = end + 1
+        if not line:
+            continue
+        try:
+            doc = loads(line)
+        except decode_error:
+            data = bytes(line)
+            if data.isspace():
                 continue
             try:
-                # orjson; Python's json (which also takes NaN, BOMs, UTF-16, lone
-                # surrogates) decides and words the error when orjson refuses a line
-                try:
-                    doc = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    doc = json.loads(line)
+                doc = json.loads(data)
             except ValueError as exc:  # UnicodeDecodeError included
-                what = f"invalid JSON ({exc})"
-            else:
-                if not isinstance(doc, dict):
-                    what = f"expected a JSON object, got {type(doc).__name__}"
-                elif text_key not in doc:
-                    what = f"no key {text_key!r}"
-                elif not isinstance(doc[text_key], str):
-                    what = f"key {text_key!r} is {type(doc[text_key]).__name__}, not a string"
-                else:
-                    texts.append(doc[text_key])
-                    continue
-            if skip_bad:
-                bad.append(i)
+                doc, what = _UNPARSED, f"invalid JSON ({exc})"
+        else:
+            text = doc.get(text_key) if type(doc) is dict else None
+            if type(text) is str:  # the common case
+                texts.append(text)
                 continue
-            return Encoded(np.zeros(0, dtype), np.zeros(0, np.int64), chunk.nbytes, newlines, bad, (i, what))
-    flat, lengths = _TOK.encode_batch(texts, parallel=False)
-    if append_eod and len(lengths):
-        nonempty = lengths > 0
-        # insert the EOD after each non-empty document
-        ends = np.cumsum(lengths)[nonempty]
-        flat = np.insert(flat.astype(dtype, copy=False), ends, _TOK.eod_id)
-        lengths = lengths + nonempty
-    max_id = int(flat.max()) if flat.size else -1
-    return Encoded(flat.astype(dtype, copy=False), lengths, chunk.nbytes, newlines, bad, max_id=max_id)
+        if doc is not _UNPARSED:
+            if not isinstance(doc, dict):
+                what = f"expected a JSON object, got {type(doc).__name__}"
+            elif text_key not in doc:
+                what = f"no key {text_key!r}"
+            elif not isinstance(doc[text_key], str):
+                what = f"key {text_key!r} is {type(doc[text_key]).__name__}, not a string"
+            else:
+                texts.append(doc[text_key])
+                continue
+        if skip_bad:
+            bad.append(i)
+            continue
+        return texts, newlines, bad, (i, what)
+    return texts, newlines, bad, None
+
+
+def _encode_into(task: tuple[Chunk, dict[str, Any]], out: np.ndarray) -> tuple[tuple[str, Encoded], int | None]:
+    """Worker side of :class:`tokenize_pool.SlotPool`: the tokens stay in ``out`` (shared
+    bytes) when they fit, and the parent is told how many bytes they take."""
+    global _CFG
+    chunk, _CFG = task
+    dtype = np.dtype(_CFG["dtype"])
+    view = out[: len(out) - len(out) % dtype.itemsize].view(dtype)
+    enc = encode_chunk(chunk, view)
+    if enc.tokens.size and np.may_share_memory(enc.tokens, view):
+        nbytes, enc.tokens = enc.tokens.nbytes, None
+        return (chunk.source, enc), nbytes
+    return (chunk.source, enc), None
+
+
+def _warm_up() -> None:
+    """gigatoken's first encode in a process sets itself up (about 0.05 s); workers do it
+    at once, while the parent is still reading the vocabulary."""
+    _TOK.encode_arrays(["warm up"])
 
 
 def _add_index_entries(builder, lengths: np.ndarray) -> None:
@@ -260,7 +333,6 @@ def tokenize_to_indexed(
     (EOD included; -1 when there are no tokens), ``dtype``, ``vocab_size``, ``eod_id``,
     ``append_eod``, ``tokenizer`` (absolute path of the tokenizer file), ``empty_documents``.
     """
-    import multiprocessing as mp
 
     from megatron_sfm.data_tools import documents as docs
     from megatron_sfm.data_tools.indexed import IndexWriter, optimal_dtype, stats_path
@@ -275,19 +347,33 @@ def tokenize_to_indexed(
     tmp_idx = _tmp_name(out_prefix + ".idx")
     tmp_stats = _tmp_name(stats_path(out_prefix))
     _check_out_prefix(out_prefix, tmp_bin)  # before any work: a bad --out fails at once
-    tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token)
-    dtype = optimal_dtype(tok.vocab_size)
-    cfg = {"text_key": text_key, "skip_bad_lines": skip_bad_lines, "append_eod": append_eod, "dtype": dtype}
-    _set_worker_state(tok, cfg)
+    tok = load_tokenizer(tokenizer_path, backend=backend, eod_token=eod_token, defer_vocab=workers > 1)
+    _set_worker_state(tok, {})
     total_bytes = sum(s.stat().st_size for s in shards)
 
+    slot_tokens = chunk_bytes + _SLOT_MARGIN_TOKENS
     pool = None
     if workers > 1:
-        # Fork before anything heavy is imported, so workers stay light.
-        pool = mp.get_context("fork").Pool(workers)
-        results = pool.imap(_encode_with_source, iter_chunks(shards, text_key, chunk_bytes), chunksize=1)
+        from megatron_sfm.data_tools.tokenize_pool import SlotPool
+
+        # Fork right after the tokenizer is loaded (nothing heavy is imported, so workers
+        # stay light); the workers warm gigatoken up while this process reads the vocabulary.
+        pool = SlotPool(workers, slot_tokens * 4, _encode_into, warm_up=_warm_up)
+    try:
+        tok.read_vocab()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    dtype = optimal_dtype(tok.vocab_size)
+    cfg = {"text_key": text_key, "skip_bad_lines": skip_bad_lines, "append_eod": append_eod, "dtype": dtype,
+           "eod_id": tok.eod_id}
+    _set_worker_state(tok, cfg)
+    chunks = iter_chunks(shards, text_key, chunk_bytes)
+    if pool is not None:
+        results = ((src, enc, data) for _, (src, enc), data in pool.imap((chunk, cfg) for chunk in chunks))
     else:
-        results = (_encode_with_source(c) for c in iter_chunks(shards, text_key, chunk_bytes))
+        results = _encode_in_process(chunks, np.empty(slot_tokens, dtype))
 
     megatron: dict[str, Any] = {}
     if writer == "megatron":
@@ -312,12 +398,12 @@ def tokenize_to_indexed(
                 add_index = builder.add_lengths
             chain = [first] if first is not None else []
             lines_done: dict[str, int] = {}
-            for chunk_source, enc in _chain(chain, results):
+            for chunk_source, enc, data in _chain(chain, results):
                 base = lines_done.get(chunk_source, 0)
                 if enc.error is not None:
                     line, what = enc.error
                     raise SfmError(f"{chunk_source}:{base + line + 1}: {what}")
-                builder.data_file.write(np.ascontiguousarray(enc.tokens, dtype=dtype).data)
+                builder.data_file.write((enc.tokens if data is None else data).data)
                 add_index(enc.lengths)
                 ndocs = len(enc.lengths)
                 summary["empty_documents"] += int((enc.lengths == 0).sum())
@@ -360,7 +446,6 @@ def tokenize_to_indexed(
     finally:
         if pool is not None:
             pool.close()
-            pool.join()
     summary.update(
         {
             "seconds": time.perf_counter() - start,
@@ -377,8 +462,10 @@ def tokenize_to_indexed(
     return summary
 
 
-def _encode_with_source(chunk: Chunk) -> tuple[str, Encoded]:
-    return chunk.source, encode_chunk(chunk)
+def _encode_in_process(chunks: Iterator[Chunk], out: np.ndarray) -> Iterator[tuple[str, Encoded, None]]:
+    """One worker: encode in this process, into one reused buffer (``out``)."""
+    for chunk in chunks:
+        yield chunk.source, encode_chunk(chunk, out), None
 
 
 def _chain(first: list, rest):

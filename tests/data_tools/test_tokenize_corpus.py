@@ -169,11 +169,11 @@ def test_interrupted_run_leaves_no_complete_looking_files(tmp_path, corpus_texts
     real = tokenize_corpus.encode_chunk
     calls = {"n": 0}
 
-    def dying(chunk):
+    def dying(chunk, out=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(chunk)
+        return real(chunk, out)
 
     monkeypatch.setattr(tokenize_corpus, "encode_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -291,8 +291,8 @@ def test_cli_tokenize_default_path_imports_nothing_heavy(tmp_path, corpus_jsonl,
         "HEAVY = ['torch', 'megatron', 'awkward', 'pyarrow', 'tokenizers']\n"
         "from megatron_sfm.data_tools import tokenize_corpus\n"
         "real = tokenize_corpus.encode_chunk\n"
-        "def spy(chunk):\n"
-        "    enc = real(chunk)\n"
+        "def spy(chunk, out=None):\n"
+        "    enc = real(chunk, out)\n"
         "    loaded = [m for m in HEAVY if m in sys.modules]\n"
         "    if loaded:\n"
         "        raise RuntimeError(f'worker imported {loaded}')\n"
@@ -454,3 +454,110 @@ def test_damaged_compressed_input_is_one_line_error(tmp_path, corpus_texts, bpe_
         assert "\n" not in str(info.value)
         (tmp_path / name).unlink()
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ----------------------------------------------------------------------------- worker pool
+
+
+def _no_children_left() -> bool:
+    import multiprocessing
+
+    return multiprocessing.active_children() == []
+
+
+def test_chunks_too_big_for_a_slot_come_back_through_the_pipe(tmp_path, corpus_texts, bpe_dir, monkeypatch):
+    """A chunk whose tokens do not fit the shared-memory slot (here: no margin and 64-byte
+    chunks, so every long line overflows) is sent back through the pipe; files unchanged."""
+    from megatron_sfm.data_tools import tokenize_corpus
+
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts[:300]])
+    tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, tmp_path / "ref", progress=False)
+    sent: list[bool] = []  # per chunk: did its tokens come back through the pipe?
+    monkeypatch.setattr(tokenize_corpus, "_SLOT_MARGIN_TOKENS", 0)
+    from megatron_sfm.data_tools import tokenize_pool
+
+    real_imap = tokenize_pool.SlotPool.imap
+
+    def spying_imap(self, tasks):
+        for task, result, data in real_imap(self, tasks):
+            sent.append(data is None and result[1].tokens.size > 0)
+            yield task, result, data
+
+    monkeypatch.setattr(tokenize_pool.SlotPool, "imap", spying_imap)
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, out, workers=workers, chunk_bytes=64, progress=False)
+        assert _same_files(str(out), str(tmp_path / "ref")), workers
+    assert any(sent) and not all(sent)  # both ways were taken with 2 workers
+    assert _no_children_left()
+
+
+def test_worker_exception_is_raised_in_the_parent_and_nothing_is_left(tmp_path, corpus_texts, bpe_dir, monkeypatch):
+    from megatron_sfm.data_tools import tokenize_corpus
+
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts])
+    real = tokenize_corpus.encode_chunk
+
+    def failing(chunk, out=None):
+        if chunk.offset > 0:
+            raise ValueError(f"boom at {chunk.offset}")
+        return real(chunk, out)
+
+    monkeypatch.setattr(tokenize_corpus, "encode_chunk", failing)
+    with pytest.raises(ValueError, match="boom at"):
+        tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, tmp_path / "ds", workers=2, chunk_bytes=4 << 10,
+                            progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert _no_children_left()
+
+
+def test_worker_that_dies_is_a_one_line_error(tmp_path, corpus_texts, bpe_dir, monkeypatch):
+    import os
+
+    from megatron_sfm.data_tools import tokenize_corpus
+
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts])
+    real = tokenize_corpus.encode_chunk
+
+    def dying(chunk, out=None):
+        if chunk.offset > 0:
+            os._exit(9)  # as if killed (out of memory)
+        return real(chunk, out)
+
+    monkeypatch.setattr(tokenize_corpus, "encode_chunk", dying)
+    with pytest.raises(SfmError, match=r"tokenize worker \d died \(exit code 9\)") as info:
+        tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, tmp_path / "ds", workers=2, chunk_bytes=4 << 10,
+                            progress=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert _no_children_left()
+
+
+def test_interrupt_in_the_parent_stops_the_workers(tmp_path, corpus_texts, bpe_dir, monkeypatch):
+    from megatron_sfm.data_tools import tokenize_corpus
+
+    write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in corpus_texts])
+    calls = {"n": 0}
+    real = tokenize_corpus._TokenizeProgress.advance
+
+    def interrupted(self, nbytes, ndocs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, nbytes, ndocs)
+
+    monkeypatch.setattr(tokenize_corpus._TokenizeProgress, "advance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_to_indexed([tmp_path / "in.jsonl"], bpe_dir, tmp_path / "ds", workers=2, chunk_bytes=4 << 10,
+                            progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert _no_children_left()
+
+
+def test_tokenizer_error_after_the_fork_stops_the_workers(tmp_path, corpus_jsonl, bpe_dir):
+    """With several workers the vocabulary is read after the fork (defer_vocab): its errors
+    are the same one-line errors, and the workers are gone."""
+    with pytest.raises(SfmError, match="is not in the vocabulary"):
+        tokenize_to_indexed([corpus_jsonl], bpe_dir, tmp_path / "ds", workers=2, eod_token="<nosuch>", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert _no_children_left()
