@@ -68,6 +68,8 @@ def build_slurm_parser() -> argparse.ArgumentParser:
     o.add_argument("--rdzv-port", type=int, help="rendezvous port on the first node (default: 20000 + job id %% 20000)")
     p.add_argument("--log-dir", default=None, help="where job folders go (default: runs/slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command and script; submit nothing")
+    p.add_argument("--from-stage", metavar="NAME",
+                   help="plans: submit from this stage on (the earlier stages ran; what they wrote must exist)")
     return p
 
 
@@ -95,7 +97,8 @@ def cmd_slurm(argv: list[str]) -> int:
         if "=" not in text:
             raise SfmError(f"override {text!r}: expected KEY=VALUE (only one config file is taken)")
     defaults = slurm_defaults(args)
-    jobs = prepare_launch(args.config, args.overrides, defaults, log_dir=args.log_dir or DEFAULT_LOG_DIR)
+    jobs = prepare_launch(args.config, args.overrides, defaults, log_dir=args.log_dir or DEFAULT_LOG_DIR,
+                          from_stage=args.from_stage)
     if args.dry_run:
         for job in jobs:
             print(dry_run_text(job))

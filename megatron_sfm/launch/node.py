@@ -5,8 +5,9 @@ signal for the worker ranks only.
 ``python -m megatron_sfm.launch.node [--stop-signal USR1|TERM] [--direct] [--] COMMAND...``
 
 * ``--stop-signal`` (default ``USR1``): what the ranks get. ``sfm train`` saves on USR1;
-  post-training stages use ``TERM`` (a rank that saves on SIGTERM exits 75, one without a
-  handler dies, and either way the requeued run resumes from its last checkpoint).
+  post-training stages use ``TERM`` (``sfm posttrain`` saves at the next step and exits
+  75; a process without a handler would die; either way the requeued run resumes from
+  its last checkpoint).
 * ``--direct``: ``COMMAND`` is the worker itself (one process, no launcher), so the
   signal goes to it rather than to its children.
 

@@ -271,12 +271,14 @@ def _stage_options(defaults: dict[str, Any], stage: PlanStage | None, job_name: 
 
 def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str, Any], *,
                    log_dir: str | Path = DEFAULT_LOG_DIR, workdir: Path | None = None,
-                   command_for: Any = None) -> list[PreparedJob]:
+                   command_for: Any = None, from_stage: str | None = None) -> list[PreparedJob]:
     """Render the job(s) for a run config or a plan file; nothing is written or submitted.
 
     ``defaults`` holds the command-line SLURM options (None: not given). A plan's stages
     come back in order; each job's dependency is filled in by :func:`submit_jobs`.
-    ``command_for(config_path) -> list[str]`` replaces the trainer command (tests).
+    ``from_stage``: start the plan at that stage (the earlier ones ran already: what they
+    wrote must exist, as for any model a stage reads). ``command_for(config_path) ->
+    list[str]`` replaces the trainer command (tests).
     """
     from megatron_sfm.config.loader import read_yaml
 
@@ -285,6 +287,8 @@ def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str,
     jobs: list[PreparedJob] = []
     base_name = defaults.get("job_name")
     if not is_plan(data):
+        if from_stage is not None:
+            raise SfmError(f"--from-stage {from_stage!r}: {config} is a run config, not a plan (no stages:)")
         name = base_name or Path(config).stem
         opts = _stage_options(defaults, None, name, str(config))
         job_dir = new_job_dir(log_dir, name)
@@ -294,12 +298,18 @@ def prepare_launch(config: str | Path, overrides: list[str], defaults: dict[str,
     plan = load_plan(config, data)
     plan_dir = new_job_dir(log_dir, base_name or plan.name)
     workdir = Path(workdir or Path.cwd()).absolute()
-    outputs: list[Path] = []  # what earlier stages write: checkpoint.save / out
+    names = [stage.name for stage in plan.stages]
+    if from_stage is not None and from_stage not in names:
+        raise SfmError(f"--from-stage {from_stage!r}: {config} has no such stage (stages: {', '.join(names)})")
+    first = names.index(from_stage) if from_stage is not None else 0
+    outputs: list[Path] = []  # what earlier stages of this submission write: checkpoint.save / out
     for k, stage in enumerate(plan.stages):
+        if k < first:
+            continue  # ran before: its outputs are on disk (checked where a later stage reads them)
         where = f"{config}: stages[{k}]"
         name = f"{base_name or plan.name}-{stage.name}"
         opts = _stage_options(defaults, stage, name, where)
-        if k > 0:
+        if k > first:
             opts.dependency = f"afterok:<job id of stage {plan.stages[k - 1].name}>"
         job_dir = plan_dir / f"{k + 1}-{safe_name(stage.name)}"
         if stage.config is not None and not stage.config.is_file():

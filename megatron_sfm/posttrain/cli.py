@@ -85,17 +85,33 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in _STAGES:
         print(f"error: unknown posttrain command {stage!r}; known: {', '.join(_STAGES)}", file=sys.stderr)
         return 2
-    args = build_parser(stage).parse_intermixed_args(rest)
-    overrides = list(args.overrides)
-    data = _split_overrides(args.data, overrides)
-    eval_data = _split_overrides(args.eval_data, overrides)
+    # First thing after the usage checks: a SIGTERM/SIGUSR1 while the stage starts (imports,
+    # model load) or trains must end in "save if anything was trained, exit 75"
+    # (posttrain/stop.py), not in a killed process.
+    from megatron_sfm.training.signals import SignalFlag, requeue_exit_code
 
-    from megatron_sfm.posttrain.config import load_stage_config
+    flag = SignalFlag().install()
+    try:
+        args = build_parser(stage).parse_intermixed_args(rest)
+        overrides = list(args.overrides)
+        data = _split_overrides(args.data, overrides)
+        eval_data = _split_overrides(args.eval_data, overrides)
 
-    cfg = load_stage_config(stage, args.config, overrides, model=args.model, out=args.out, data=data,
-                            eval_data=eval_data)
-    from megatron_sfm.posttrain import run
+        from megatron_sfm.posttrain.config import load_stage_config
 
-    runner = run.run_sft if stage == "sft" else run.run_dpo
-    runner(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    return 0
+        cfg = load_stage_config(stage, args.config, overrides, model=args.model, out=args.out, data=data,
+                                eval_data=eval_data)
+        from megatron_sfm.posttrain import run
+        from megatron_sfm.posttrain.stop import StoppedForRequeue
+
+        runner = run.run_sft if stage == "sft" else run.run_dpo
+        try:
+            runner(cfg, progress=not args.no_progress, overwrite=args.overwrite, signal_flag=flag)
+        except StoppedForRequeue as stop:
+            print(f"sfm posttrain {stage}: {stop}; exiting with {requeue_exit_code()} (requeue); "
+                  "the same command resumes", file=sys.stderr, flush=True)
+            flag.hold()  # ignore further signals until the process has exited with the requeue code
+            return requeue_exit_code()
+        return 0
+    finally:
+        flag.restore()

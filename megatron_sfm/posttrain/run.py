@@ -60,18 +60,24 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _DROPPED = ("training_args.bin",)  # the Trainer's pickle of its arguments: posttrain.json records the config
 
 
-def run_sft(cfg: SFTConfig, progress: bool = True, *, overwrite: bool = False) -> Path:
-    """Supervised fine-tuning of ``cfg.model`` on ``cfg.data``; returns the final model folder (``cfg.out``)."""
+def run_sft(cfg: SFTConfig, progress: bool = True, *, overwrite: bool = False, signal_flag=None) -> Path:
+    """Supervised fine-tuning of ``cfg.model`` on ``cfg.data``; returns the final model folder (``cfg.out``).
+
+    ``signal_flag``: an installed :class:`~megatron_sfm.training.signals.SignalFlag`; when
+    it is set on any rank the run saves a checkpoint and raises
+    :class:`~megatron_sfm.posttrain.stop.StoppedForRequeue` (see ``posttrain/stop.py``).
+    """
     if not isinstance(cfg, SFTConfig):
         raise TypeError(f"run_sft needs an SFTConfig, got {type(cfg).__name__}")
-    return _run("sft", cfg, progress, overwrite)
+    return _run("sft", cfg, progress, overwrite, signal_flag)
 
 
-def run_dpo(cfg: DPOConfig, progress: bool = True, *, overwrite: bool = False) -> Path:
-    """DPO of ``cfg.model`` (its own frozen copy is the reference) on ``cfg.data``; returns ``cfg.out``."""
+def run_dpo(cfg: DPOConfig, progress: bool = True, *, overwrite: bool = False, signal_flag=None) -> Path:
+    """DPO of ``cfg.model`` (its own frozen copy is the reference) on ``cfg.data``; returns ``cfg.out``.
+    ``signal_flag`` as in :func:`run_sft`."""
     if not isinstance(cfg, DPOConfig):
         raise TypeError(f"run_dpo needs a DPOConfig, got {type(cfg).__name__}")
-    return _run("dpo", cfg, progress, overwrite)
+    return _run("dpo", cfg, progress, overwrite, signal_flag)
 
 
 # --- output folder ------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def _build_trainer(stage, cfg, args, model_dir, model, tokenizer, setup, train_d
 # --- the run ----------------------------------------------------------------------------------
 
 
-def _run(stage: str, cfg: SFTConfig | DPOConfig, progress: bool, overwrite: bool) -> Path:
+def _run(stage: str, cfg: SFTConfig | DPOConfig, progress: bool, overwrite: bool, flag=None) -> Path:
     from megatron_sfm.posttrain.data import load_examples, to_dataset
 
     started = time.time()
@@ -430,8 +436,18 @@ def _run(stage: str, cfg: SFTConfig | DPOConfig, progress: bool, overwrite: bool
         with _quiet(not progress):
             _restore_weights(trainer, plan.checkpoint)
 
+    stopper = None
+    if flag is not None:
+        from megatron_sfm.posttrain.stop import StoppedForRequeue, stop_on_signal_callback
+
+        if flag.any_rank():  # all ranks together, before the first step
+            raise StoppedForRequeue(flag.name(), None, None)
+        stopper = stop_on_signal_callback(flag)
+        trainer.add_callback(stopper)
     with _quiet(not progress):
         trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    if stopper is not None and stopper.stopped_at is not None:
+        raise StoppedForRequeue(flag.name(), stopper.stopped_at, f"checkpoint-{stopper.stopped_at}")
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]

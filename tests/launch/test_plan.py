@@ -216,4 +216,4 @@ def test_command_line_options_are_frozen():
         "-h", "--help", "--nodes", "--gpus-per-node", "--time", "--partition", "--account", "--job-name",
         "--nproc-per-node", "--cpus-per-task", "--exclusive", "--no-exclusive", "--container",
         "--container-mounts", "--max-requeues", "--signal-grace", "--env", "--python", "--rdzv-port",
-        "--log-dir", "--dry-run"])
+        "--log-dir", "--dry-run", "--from-stage"])

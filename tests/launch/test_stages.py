@@ -70,11 +70,11 @@ def _write_plan(tmp_path: Path, stages: list[dict], name: str = "exp") -> Path:
     return path
 
 
-def _prepare(tmp_path: Path, stages: list[dict], overrides=(), **defaults):
+def _prepare(tmp_path: Path, stages: list[dict], overrides=(), from_stage=None, **defaults):
     base = dict(nodes=2, gpus_per_node=8, time="04:00:00", env={})
     base.update(defaults)
     return prepare_launch(_write_plan(tmp_path, stages), list(overrides), base, log_dir=tmp_path / "runs",
-                          workdir=tmp_path)
+                          workdir=tmp_path, from_stage=from_stage)
 
 
 def _step_words(script: str) -> list[str]:
@@ -420,3 +420,42 @@ def test_time_limit_warning_stops_posttrain_ranks_with_term_and_requeues(tmp_pat
     assert (stub / "requeued").read_text().split() == ["4242"]
     assert (stub / "saved").exists() == (mode == "save-on-term")
     assert [c["what"] for c in calls] == (["launcher", "rank"] if gpus else ["command"])
+
+
+# ----------------------------------------------------------------------------- --from-stage
+def test_from_stage_submits_the_rest_of_the_plan(tmp_path):
+    """After a failed or cancelled stage: start the plan there. The earlier stages are not
+    rendered, the first kept stage waits for nothing, and what it reads must exist."""
+    with pytest.raises(SfmError, match=r'stages\[2\]\.model: "hf/.*" does not exist and no earlier stage writes it'):
+        _prepare(tmp_path, _full_stages(), from_stage="sft")  # convert never wrote hf/ODD
+    (tmp_path / "hf" / ODD).mkdir(parents=True)
+    jobs = _prepare(tmp_path, _full_stages(), from_stage="sft")
+    assert [j.kind for j in jobs] == ["posttrain-sft", "posttrain-dpo", "eval"]
+    assert [j.job_dir.name for j in jobs] == ["3-sft", "4-dpo", "5-eval"]  # numbered as in the plan
+    assert jobs[0].options.dependency is None and not any(a.startswith("--dependency") for a in jobs[0].argv)
+    assert jobs[1].options.dependency == "afterok:<job id of stage sft>"
+    with pytest.raises(SfmError, match=r"--from-stage 'sfT': .* has no such stage \(stages: pretrain, convert, sft, dpo, eval\)"):
+        _prepare(tmp_path, _full_stages(), from_stage="sfT")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(TRAIN))
+    with pytest.raises(SfmError, match="is a run config, not a plan"):
+        prepare_launch(tmp_path / "run.yaml", [], dict(nodes=1, gpus_per_node=0, time="00:10:00", env={}),
+                       log_dir=tmp_path / "runs", from_stage="sft")
+
+
+def test_from_stage_on_the_command_line(tmp_path, capsys, monkeypatch):
+    from megatron_sfm.cli import main as sfm_main
+
+    plan = _write_plan(tmp_path, _full_stages())
+    for done in (tmp_path / "runs" / ODD / "sft", tmp_path / "hf" / ODD):  # as if convert and sft had finished
+        done.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert sfm_main(["launch", "slurm", str(plan), "--nodes", "1", "--gpus-per-node", "8", "--time", "01:00:00",
+                     "--from-stage", "dpo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    commands = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("# sbatch ")]
+    assert [next(a for a in c if a.startswith("--job-name=")) for c in commands] == [
+        "--job-name=exp-dpo", "--job-name=exp-eval"]
+    assert not any(a.startswith("--dependency") for a in commands[0])
+    assert sfm_main(["launch", "slurm", str(plan), "--nodes", "1", "--gpus-per-node", "8", "--time", "01:00:00",
+                     "--from-stage", "nope", "--dry-run"]) == 2
+    assert "--from-stage 'nope'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -160,10 +161,13 @@ def test_plan_posttrains_sft_with_a_requeue_then_dpo_then_evaluates(slurm_cluste
     sft_log = (jobs[0].job_dir / f"slurm-{ids[0]}.out").read_text()
     assert job_info(ids[0])["Restarts"] == "1", sft_log
     assert "stop requested: SIGTERM to trainer process(es)" in sft_log
+    # sfm posttrain saved on SIGTERM at the step it had reached and exited with the requeue code
+    saved = re.search(r"received SIGTERM: saved (checkpoint-\d+) at step \d+; exiting with 75", sft_log)
+    assert saved is not None and "step ended with exit code 75" in sft_log, sft_log
     assert "requeueing (restart 1 of at most 1)" in sft_log
     assert "restart 1: the posttrain command resumes from its last checkpoint" in sft_log
     train = json.loads((sft_out / "posttrain.json").read_text())["train"]
-    assert train["global_step"] == 1500 and train["resumed_from"].startswith("checkpoint-"), train
+    assert train["global_step"] == 1500 and train["resumed_from"] == saved.group(1), train
     assert train["first_step_this_session"] > 1, train  # the rerun continued, it did not start over
     assert (tmp_path / "runs" / ODD / "dpo" / "posttrain.json").is_file()
     prop = json.loads((tmp_path / "results" / ODD / "results.json").read_text())["propensity"]

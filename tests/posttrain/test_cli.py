@@ -30,7 +30,7 @@ def test_overrides_after_data_files(monkeypatch, tmp_path):
     from megatron_sfm.posttrain import run
 
     seen = {}
-    monkeypatch.setattr(run, "run_sft", lambda cfg, progress, overwrite: seen.update(cfg=cfg, overwrite=overwrite))
+    monkeypatch.setattr(run, "run_sft", lambda cfg, progress, overwrite, signal_flag: seen.update(cfg=cfg, overwrite=overwrite))
     (tmp_path / "a.jsonl").write_text("")
     rc = sfm_main(["posttrain", "sft", "M", "seed=5", "--data", str(tmp_path / "a.jsonl:2"), "b.jsonl",
                    "max_steps=3", "--out", "O", "--config", str(TINY), "--overwrite", "learning_rate=1e-4"])
@@ -135,3 +135,83 @@ def test_two_processes_train_together_and_only_rank_0_writes(base_model_dir, sft
     train = json.loads((out / MANIFEST).read_text())["train"]
     assert (train["world_size"], train["global_step"]) == (2, 2)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_matches(sft_model_dir, base_model_dir, sft_file,
+                                                                    tmp_path):
+    """SIGTERM between checkpoints (save_steps 4): the run saves at the step it reached, exits
+    with the requeue code, and the same command resumes there and ends on the uninterrupted
+    run's weights."""
+    from safetensors.torch import load_file
+
+    from megatron_sfm.training.signals import requeue_exit_code
+
+    out = tmp_path / "out"
+    argv = ["posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(out),
+            "--config", str(TINY), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    state = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 120
+    try:
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == requeue_exit_code(), err[-3000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    saved = steps[-1]
+    assert 4 < saved < 12, steps  # a checkpoint at the step the signal was seen, not only save_steps'
+    assert f"received SIGTERM: saved checkpoint-{saved} at step {saved}; exiting with 75" in err
+    assert (out / RUN_MARKER).is_file() and not (out / MANIFEST).exists()
+
+    assert sfm_main(argv) == 0  # what the requeued job runs
+    train = json.loads((out / MANIFEST).read_text())["train"]
+    assert (train["resumed_from"], train["first_step_this_session"], train["global_step"]) == (
+        f"checkpoint-{saved}", saved, 12)
+    resumed, whole = load_file(out / "model.safetensors"), load_file(sft_model_dir / "model.safetensors")
+    for name in whole:
+        assert (resumed[name] - whole[name]).abs().max().item() <= 1e-6, name
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(base_model_dir, sft_file, tmp_path):
+    """Two ranks under torchrun; SIGTERM reaches rank 1 only: both agree at the next step end,
+    one checkpoint is saved, and both exit with the requeue code."""
+    from megatron_sfm.training.signals import requeue_exit_code
+    from megatron_sfm.utils.net import free_port
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", _SLOW.replace("from megatron_sfm.cli import main", "import os\n"
+           "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+           "from megatron_sfm.cli import main"),
+           "posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(out), "--config", str(TINY),
+           "--no-progress"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), "--no-python", *cmd]
+    env = dict(os.environ, PIDS=str(tmp_path / "pid"))
+    proc = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    state = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 180
+    try:
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = proc.stdout.read().decode()
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert 4 < steps[-1] < 12, (steps, log[-3000:])
+    assert log.count(f"saved checkpoint-{steps[-1]} at step {steps[-1]}; exiting with {requeue_exit_code()}") == 2, \
+        log[-3000:]
+    assert not (out / MANIFEST).exists()
