@@ -84,13 +84,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_after_kill_9_matches_an_uninterrupted_run(sft_model_dir, base_model_dir, sft_file, tmp_path):
-    """Killed after checkpoint-4 of 12, the same command resumes at step 4 and ends on the same weights."""
-    from safetensors.torch import load_file
-
-    out = tmp_path / "out"
-    argv = ["posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(out),
-            "--config", str(TINY), "--no-progress"]
+def _signal_after_checkpoint_4(argv, out, sig, settle: float = 0.0) -> subprocess.Popen:
+    """Run ``sfm ARGV`` slowly in a child; once checkpoint-4 is complete send ``sig``; wait for it to end."""
     proc = subprocess.Popen([sys.executable, "-c", _SLOW, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     state = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
@@ -98,14 +93,26 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(sft_model_dir, base_mo
     try:
         while not state.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(0.05)  # let the Trainer finish the write it just began (the test reads it next)
+        time.sleep(settle)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+    return proc
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(sft_model_dir, base_model_dir, sft_file, tmp_path):
+    """Killed after checkpoint-4 of 12, the same command resumes at step 4 and ends on the same weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    argv = ["posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(out),
+            "--config", str(TINY), "--no-progress"]
+    # settle: let the Trainer finish the write it just began (the test reads it next)
+    proc = _signal_after_checkpoint_4(argv, out, signal.SIGKILL, settle=0.05)
     assert proc.returncode == -signal.SIGKILL
     assert (out / RUN_MARKER).is_file() and not (out / MANIFEST).exists()
     assert not (out / "checkpoints" / "checkpoint-12").exists()
@@ -149,20 +156,7 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_matches(sft_model_dir
     out = tmp_path / "out"
     argv = ["posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(out),
             "--config", str(TINY), "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    state = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 120
-    try:
-        while not state.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = _signal_after_checkpoint_4(argv, out, signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert proc.returncode == requeue_exit_code(), err[-3000:]
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
