@@ -93,11 +93,71 @@ class DataSources:
         return index
 
 
-def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
+def check_data(cfg: RunConfig, seq_length: Optional[int] = None) -> None:
+    """Everything :func:`build_data` checks, without building a dataset: the stage's sizes,
+    the seed, and every dataset (files, sizes, token ids). The trainer calls it before it
+    builds the model, so bad data fails in seconds, not after a 6.9B model is built.
+
+    Under torch.distributed the dataset checks (which scan a ``.bin`` without a
+    ``.stats.json`` sidecar) run on global rank 0 only, and every rank raises its verdict.
+    """
+    if cfg.data.mock:
+        return
+    phases, _ = _resolve_phases(cfg, seq_length or cfg.model.seq_length)
+    _check_phase_datasets(phases, cfg.model.vocab_size)
+
+
+def _resolve_phases(cfg: RunConfig, seq: int) -> tuple[list[Phase], int]:
+    """The phases the run trains on and the dataset seed, checked against the run."""
+    t = cfg.training
+    if cfg.data.phases:
+        plan = read_stage(cfg.data.phases, cfg.data.stage)
+        check_stage_matches(plan, cfg, seq)
+        phases = plan.phases
+        if phases[-1].start_iteration >= t.train_iters:  # the short form states no iterations
+            raise SfmError(f"data.phases: {cfg.data.phases}: phase start {phases[-1].start_iteration} is not "
+                           f"before training.train_iters {t.train_iters}")
+        return phases, resolve_seed(cfg.data.split_seed, plan.seed, cfg.data.phases)
+    if cfg.data.blend:
+        blend = read_blend(cfg.data.blend)
+        return [Phase(0, blend=blend)], resolve_seed(cfg.data.split_seed, blend.seed, cfg.data.blend)
+    raise SfmError("data: set data.blend (a blend JSON from 'sfm data mix'), data.phases, or data.mock: true")
+
+
+def _check_phase_datasets(phases: list[Phase], vocab_size: int) -> None:
+    """Every dataset a split draws from (weight > 0), checked once: on global rank 0 when
+    torch.distributed is up (the verdict is broadcast; every rank raises the same error)."""
+    import torch.distributed as dist
+
+    from megatron_sfm.training.data_checks import check_datasets
+
+    used = []  # (prefix, the blend that names it)
+    for phase in phases:
+        for sb in phase.blend.splits.values():
+            sb = sb.nonzero() if sb is not None else None
+            used += [(prefix, phase.blend.path) for prefix in (sb.prefixes if sb is not None else [])]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        check_datasets(used, vocab_size)
+        return
+    verdict: list[Optional[str]] = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_datasets(used, vocab_size)
+        except SfmError as exc:
+            verdict[0] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait for a verdict forever
+            verdict[0] = f"data check: {type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise SfmError(verdict[0])
+
+
+def build_data(cfg: RunConfig, seq_length: Optional[int] = None, *, checked: bool = False) -> DataSources:
     """Build the train phases and the validation dataset (on every rank; cheap index files).
 
     Sizes: each phase gets exactly the samples its iterations consume; validation gets
-    ``eval_iters`` global batches per evaluation.
+    ``eval_iters`` global batches per evaluation. ``checked``: :func:`check_data` ran
+    already, so the dataset checks are not repeated.
     """
     from megatron_sfm.training.loss import weight_vector
 
@@ -115,28 +175,9 @@ def build_data(cfg: RunConfig, seq_length: Optional[int] = None) -> DataSources:
         return DataSources(train_phases=[(0, train, [0])], valid=valid if valid_size else None,
                            valid_source_map=[0], source_names=["mock"], global_batch_size=g,
                            train_loss_weights=[weights])
-    if cfg.data.phases:
-        plan = read_stage(cfg.data.phases, cfg.data.stage)
-        check_stage_matches(plan, cfg, seq)
-        phases = plan.phases
-        if phases[-1].start_iteration >= t.train_iters:  # the short form states no iterations
-            raise SfmError(f"data.phases: {cfg.data.phases}: phase start {phases[-1].start_iteration} is not "
-                           f"before training.train_iters {t.train_iters}")
-        seed = resolve_seed(cfg.data.split_seed, plan.seed, cfg.data.phases)
-    elif cfg.data.blend:
-        blend = read_blend(cfg.data.blend)
-        phases = [Phase(0, blend=blend)]
-        seed = resolve_seed(cfg.data.split_seed, blend.seed, cfg.data.blend)
-    else:
-        raise SfmError("data: set data.blend (a blend JSON from 'sfm data mix'), data.phases, or data.mock: true")
-    from megatron_sfm.training.data_checks import check_datasets
-
-    used = []  # every dataset a split draws from (weight > 0), with the blend that names it
-    for phase in phases:
-        for sb in phase.blend.splits.values():
-            sb = sb.nonzero() if sb is not None else None
-            used += [(prefix, phase.blend.path) for prefix in (sb.prefixes if sb is not None else [])]
-    check_datasets(used, cfg.model.vocab_size)
+    phases, seed = _resolve_phases(cfg, seq)
+    if not checked:
+        _check_phase_datasets(phases, cfg.model.vocab_size)
     dataset_args = dict(seq_length=seq, seed=seed, tokenizer=tokenizer)
     names: list[str] = []
 

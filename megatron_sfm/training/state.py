@@ -221,6 +221,10 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, stop_check=N
 
     cross_entropy = resolve_cross_entropy(cfg.training.cross_entropy, cfg.parallel.tensor_model_parallel_size,
                                           device())
+    if with_data:
+        from megatron_sfm.training.data import check_data
+
+        check_data(cfg)  # bad data fails before the model is built (rank 0 scans, every rank raises)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     model, config = build_model_chunks(cfg)
@@ -238,7 +242,7 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, stop_check=N
     if with_data:
         from megatron_sfm.training.data import build_data
 
-        state.data = build_data(cfg)
+        state.data = build_data(cfg, checked=True)
         state.source_names = list(state.data.source_names)
         reset_train_iterators(state)
     else:

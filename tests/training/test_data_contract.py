@@ -187,3 +187,35 @@ def test_every_phase_dataset_is_checked(corpus, tmp_path):
                                              {"start_iteration": 3, "blend": "p1.json"}]}))
     with pytest.raises(SfmError, match=rf"data check: {bad}\.bin: token id {largest} >= model\.vocab_size 512 .*p1\.json"):
         build_data(_cfg(phases))
+
+
+def _blend_cfg(tmp_path: Path, prefix: str):
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"train": [1.0, prefix], "sources": ["web"]}))
+    return blend
+
+
+def test_bad_data_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    from megatron_sfm.training import state as training_state
+
+    prefix = _dataset(tmp_path / "data", vocab=600)
+    blend = _blend_cfg(tmp_path, prefix)
+    cfg = load_config(None, ["model=tiny", "model.precision=fp32", "training.micro_batch_size=2",
+                             "training.global_batch_size=8", "training.train_iters=2", f"data.blend={blend}"])
+
+    def no_model(_cfg):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(training_state, "build_model_chunks", no_model)
+    with pytest.raises(SfmError, match=rf"^data check: {prefix}\.bin: token id \d+ >= model\.vocab_size 512 "):
+        training_state.build_training_state(cfg)
+
+
+def test_two_ranks_scan_once_and_both_stop(tmp_path):
+    """Without a sidecar the .bin is scanned by rank 0 only; both ranks stop with its error."""
+    prefix = _dataset(tmp_path / "data", vocab=600)
+    blend = _blend_cfg(tmp_path, prefix)
+    proc = run_train(write_config(tmp_path / "cfg.yaml", blend, training={"train_iters": 2}), nproc=2, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"no {prefix}.stats.json: scanned") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count(f"error: data check: {prefix}.bin: token id") == 2, proc.stderr[-3000:]
