@@ -98,13 +98,30 @@ def verify_checkpoint(folder: str | os.PathLike, *, checksums: bool = True) -> d
     return fmt.read_train_state(folder)
 
 
-def schedule_changes(saved_cfg, cfg) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) of every :data:`SCHEDULE_KEYS` entry that differs."""
+DATA_FILE_KEYS = ("data.blend", "data.phases")
+
+
+def schedule_changes(saved_cfg, cfg, saved_data: dict | None = None,
+                     data_now: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every :data:`SCHEDULE_KEYS` entry that differs.
+
+    ``data.blend`` / ``data.phases`` are compared by content when the checkpoint recorded
+    it (``saved_data``: its ``train_state.json`` ``data_sha256``; ``data_now``: this run's
+    :func:`~megatron_sfm.training.data.data_fingerprint`): the same data reached by
+    another path (a relative path, another mount) is no change, and a file whose content
+    changed under the same path is one.
+    """
     out = []
     for key in SCHEDULE_KEYS:
         section, name = key.split(".")
         old = getattr(getattr(saved_cfg, section), name)
         new = getattr(getattr(cfg, section), name)
+        if key in DATA_FILE_KEYS and old and new and saved_data and key in saved_data and data_now \
+                and key in data_now:
+            if saved_data[key] != data_now[key]:
+                out.append((key, f"{old} (content sha256 {saved_data[key][:12]})",
+                            f"{new} (content sha256 {data_now[key][:12]})"))
+            continue
         if old != new:
             out.append((key, old, new))
     return out
@@ -149,7 +166,7 @@ def train_state_dict(state, reason: str) -> dict:
         seq_length=state.seq_length, phase=phase, parallel=layout(state),
         distrib_optim_sharding_type=(DOPT_METADATA["distrib_optim_sharding_type"]
                                      if state.cfg.parallel.use_distributed_optimizer else None),
-        reason=reason)
+        reason=reason, **({"data_sha256": state.extra["data_sha256"]} if state.extra.get("data_sha256") else {}))
 
 
 def use_async_save(cfg) -> bool:
@@ -393,7 +410,12 @@ class CheckpointManager:
         (``schedule_changes``).
         """
         cfg = self.state.cfg
-        changes = schedule_changes(fmt.read_run_config(folder), cfg)
+        data_now = self.state.extra.get("data_sha256")
+        if data_now is None and not cfg.data.mock:
+            from megatron_sfm.training.data import data_fingerprint
+
+            data_now = data_fingerprint(cfg)
+        changes = schedule_changes(fmt.read_run_config(folder), cfg, saved.get("data_sha256"), data_now)
         self.schedule_changes = list(saved.get("schedule_changes", []))
         if not changes:
             return

@@ -107,6 +107,29 @@ def check_data(cfg: RunConfig, seq_length: Optional[int] = None) -> None:
     _check_phase_datasets(phases, cfg.model.vocab_size)
 
 
+def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """What the run's data *is*, independent of the path it is reached by: ``{"data.blend":
+    sha256}`` of the blend file's bytes, or ``{"data.phases": sha256}`` over the stage's
+    phases (start iterations and each phase's blend file bytes, in order). Empty for mock
+    data. Checkpoints record it (``train_state.json`` ``data_sha256``) so that a resume
+    compares the data, not the path string (``training/checkpoint.py``)."""
+    import hashlib
+    import json
+
+    def file_sha(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    if cfg.data.mock:
+        return {}
+    if cfg.data.phases:
+        plan = read_stage(cfg.data.phases, cfg.data.stage)
+        parts = [[phase.start_iteration, file_sha(phase.blend.path)] for phase in plan.phases]
+        return {"data.phases": hashlib.sha256(json.dumps(parts).encode()).hexdigest()}
+    if cfg.data.blend:
+        return {"data.blend": file_sha(cfg.data.blend)}
+    return {}
+
+
 def _resolve_phases(cfg: RunConfig, seq: int) -> tuple[list[Phase], int]:
     """The phases the run trains on and the dataset seed, checked against the run."""
     t = cfg.training

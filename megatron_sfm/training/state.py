@@ -240,9 +240,10 @@ def build_training_state(cfg: RunConfig, *, with_data: bool = True, stop_check=N
     state.extra["model_config"] = config
     set_cross_entropy(state, cross_entropy)
     if with_data:
-        from megatron_sfm.training.data import build_data
+        from megatron_sfm.training.data import build_data, data_fingerprint
 
         state.data = build_data(cfg, checked=True)
+        state.extra["data_sha256"] = data_fingerprint(cfg)  # at startup: what this run trains on
         state.source_names = list(state.data.source_names)
         reset_train_iterators(state)
     else:

@@ -4,6 +4,7 @@ shards, refused schedule changes."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -270,3 +271,40 @@ def test_the_writer_checksums_what_it_wrote(tmp_path, monkeypatch):
     for name in shards:
         assert files[name]["checksum"] == sidecar[name]["checksum"] == original(folder / name)
     fmt.verify_files(folder)
+
+
+def test_schedule_changes_compare_the_data_by_content():
+    from types import SimpleNamespace as NS
+
+    from megatron_sfm.training.checkpoint import schedule_changes
+
+    def cfg(blend):
+        return NS(training=NS(train_iters=10, global_batch_size=8), model=NS(seq_length=64),
+                  optimizer=NS(lr=1e-3, min_lr=0.0, warmup_iters=0, warmup_fraction=None, decay_style="cosine"),
+                  data=NS(blend=blend, phases=None, stage=None, mock=False))
+
+    same, a, b = {"data.blend": "5" * 64}, {"data.blend": "a" * 64}, {"data.blend": "b" * 64}
+    assert schedule_changes(cfg("/mnt/x/blend.json"), cfg("blend.json"), same, same) == []  # another path
+    assert schedule_changes(cfg("blend.json"), cfg("blend.json"), a, b) == [  # same path, new content
+        ("data.blend", "blend.json (content sha256 aaaaaaaaaaaa)", "blend.json (content sha256 bbbbbbbbbbbb)")]
+    # a checkpoint from before data_sha256: the path string decides, as it did
+    assert schedule_changes(cfg("/mnt/x/blend.json"), cfg("blend.json"), None, same) == [
+        ("data.blend", "/mnt/x/blend.json", "blend.json")]
+
+
+def test_resume_follows_the_data_not_its_path(tmp_path, corpus, reference_run):
+    """The reference checkpoint recorded its blend's content: the same blend copied elsewhere
+    resumes; an edited copy is refused, naming both contents."""
+    save = _copy_ckpt(reference_run, tmp_path)
+    assert verify_checkpoint(latest_checkpoint(save))["data_sha256"].keys() == {"data.blend"}
+    shutil.copytree(corpus.parent, tmp_path / "moved")  # blends name their datasets relative to themselves
+    moved = tmp_path / "moved" / corpus.name
+    check(run_train(write_config(tmp_path / "cfg.yaml", moved), [f"checkpoint.save={save}"]))
+    blend = json.loads(moved.read_text())
+    blend["train"][0] = blend["train"][0] * 2 if isinstance(blend["train"][0], (int, float)) else blend["train"][0]
+    moved.write_text(json.dumps(blend) + "\n")
+    proc = run_train(write_config(tmp_path / "cfg.yaml", moved), [f"checkpoint.save={save}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: data\.blend: '.*moved/blend\.json \(content sha256 [0-9a-f]{12}\)' differs from "
+                    r"'.*blend\.json \(content sha256 [0-9a-f]{12}\)' in the checkpoint's ", last), last
