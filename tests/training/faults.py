@@ -14,6 +14,8 @@ so the trainer subprocess loads this module and registers what :func:`callbacks`
 * ``kill@N``: SIGKILL itself right after step N, before anything else sees the step
   (logging, evaluation, async finalisation, saving).
 * ``sigterm@N``: SIGTERM to itself right after step N (the run saves and exits 75).
+* ``sigterm_rank1@N``: the same on global rank 1 only (the other ranks must learn of it
+  at the next step boundary and stop at the same iteration).
 * ``late_sigterm@0``: SIGTERM to itself at the end of the run, and again while the
   interpreter shuts down (atexit): torchrun's closing SIGTERM to a rank that has saved.
 * ``crash_in_save@N``: die (SIGKILL) after the shards of iteration N's checkpoint are
@@ -40,7 +42,8 @@ from megatron_sfm.training.callbacks import Callback
 FAULTS_ENV = "SFM_FAULTS"
 SAMPLE_LOG_ENV = "SFM_SAMPLE_LOG"
 TEST_ENVS = (FAULTS_ENV, SAMPLE_LOG_ENV)
-KNOWN = {"signal_in_resume", "nan_loss", "kill", "sigterm", "late_sigterm", "crash_in_save", "slow_async_save"}
+KNOWN = {"signal_in_resume", "nan_loss", "kill", "sigterm", "sigterm_rank1", "late_sigterm", "crash_in_save",
+         "slow_async_save"}
 SLOW_ASYNC_SAVE_S = 5.0
 
 
@@ -97,6 +100,8 @@ class Faults(Callback):
         if self.at("kill", it):
             _kill_self(signal.SIGKILL)
         if self.at("sigterm", it):
+            _kill_self(signal.SIGTERM)
+        if self.at("sigterm_rank1", it) and os.environ.get("RANK") == "1":
             _kill_self(signal.SIGTERM)
 
     def on_end(self, trainer, exit_code, error) -> None:

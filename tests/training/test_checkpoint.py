@@ -91,6 +91,22 @@ def test_signal_saves_and_exits_with_requeue_code(tmp_path, corpus, sig):
     assert state["consumed_train_samples"] == 8 * state["iteration"]
 
 
+def test_sigterm_on_one_of_two_data_parallel_ranks_stops_both_at_the_same_step(tmp_path, corpus):
+    """DP=2: rank 1 alone gets SIGTERM after step 3; the ranks agree at the step boundary
+    (an all-reduce), save one checkpoint at iteration 4 at the latest, and stop."""
+    from megatron_sfm.launch.exit_codes import REQUEUE_EXIT_CODE
+
+    cfg = write_config(tmp_path / "cfg.yaml", corpus, training={"train_iters": 100})
+    save = tmp_path / "ckpt"
+    proc = run_train(cfg, [f"checkpoint.save={save}"], nproc=2, env={"SFM_FAULTS": "sigterm_rank1@3"})
+    assert proc.returncode != 0  # torchrun reports the ranks' exit code 75 as a failure
+    assert proc.stderr.count(f"exitcode  : {REQUEUE_EXIT_CODE} ") == 2, proc.stderr[-3000:]  # both ranks
+    state = verify_checkpoint(latest_checkpoint(save))
+    assert state["reason"] == "signal" and state["iteration"] in (3, 4), state
+    assert state["parallel"]["data_parallel_size"] == 2
+    assert state["consumed_train_samples"] == 8 * state["iteration"]
+
+
 def test_crash_in_the_middle_of_a_save_keeps_previous_latest(tmp_path, corpus, reference_run):
     cfg = write_config(tmp_path / "cfg.yaml", corpus)
     save = tmp_path / "ckpt"
