@@ -56,17 +56,18 @@ class SlotPool:
         self._views = [[np.frombuffer(m, np.uint8) for m in maps] for maps in self._maps]
         ctx = mp.get_context("fork")
         self._procs, self._conns, self._queues, self._senders = [], [], [], []
-        for w in range(workers):
+        for w in range(workers):  # every fork before any thread of ours exists
             parent_end, child_end = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_worker_main, args=(child_end, self._views[w], work, warm_up), daemon=True,
-                               name=f"sfm-tokenize-{w}")
+            proc = ctx.Process(target=_worker_main, args=(child_end, self._views[w], work, warm_up,
+                                                          list(self._conns)), daemon=True, name=f"sfm-tokenize-{w}")
             proc.start()
             child_end.close()
-            tasks: queue.SimpleQueue = queue.SimpleQueue()
-            sender = threading.Thread(target=_send_all, args=(parent_end, tasks), daemon=True)
-            sender.start()
             self._procs.append(proc)
             self._conns.append(parent_end)
+        for conn in self._conns:
+            tasks: queue.SimpleQueue = queue.SimpleQueue()
+            sender = threading.Thread(target=_send_all, args=(conn, tasks), daemon=True)
+            sender.start()
             self._queues.append(tasks)
             self._senders.append(sender)
 
@@ -155,7 +156,9 @@ def _send_all(conn, tasks: queue.SimpleQueue) -> None:
             return
 
 
-def _worker_main(conn, views: list[np.ndarray], work, warm_up) -> None:
+def _worker_main(conn, views: list[np.ndarray], work, warm_up, others: list) -> None:
+    for other in others:  # the parent's ends of the earlier workers' pipes, inherited by the fork
+        other.close()
     seq = -1
     try:
         if warm_up is not None:
