@@ -139,17 +139,24 @@ def evaluate_hf_folder(
 
 
 def run_capabilities(model_arg: str, tasks: Sequence[str], tokenizer_path: str | None = None,
-                     **kwargs: Any) -> tuple[str, dict[str, Any]]:
+                     verify_checksums: bool = True, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     """Evaluate ``PATH`` or ``LABEL=PATH`` (HF folder or Megatron checkpoint): (label, section).
 
     ``tokenizer_path``: tokenizer folder handed to the on-the-fly export of a checkpoint.
+    ``verify_checksums=False``: a checkpoint is loaded without hashing its files; the
+    section then records ``checksums_verified: false``.
     """
-    from megatron_sfm.evaluation.models import hf_folder_for, parse_model_specs
+    from megatron_sfm.evaluation.models import (
+        checkpoint_record,
+        hf_folder_for,
+        parse_model_specs,
+    )
 
     if not tasks:
         raise SfmError("--tasks: no task named")
     (spec,) = parse_model_specs([model_arg])
-    with hf_folder_for(spec.path, tokenizer_path) as folder:
+    with hf_folder_for(spec.path, tokenizer_path, verify_checksums=verify_checksums) as folder:
         section = evaluate_hf_folder(folder, tasks, **kwargs)
     section["path"] = str(spec.path)
+    section.update(checkpoint_record(spec.path, verify_checksums))
     return spec.label, section

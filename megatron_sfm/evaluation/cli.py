@@ -4,8 +4,9 @@
                         [--persona P[,P...]|all]     # P: none, ai, helpful, hhh; one run per model x persona
                         [--order balanced|aligned-first|misaligned-first]
                         [--normalize token|byte]                      # likelihood mode
+                        [--overwrite] [--no-verify-checksums]         # checkpoints: sizes only, no hashing
     sfm eval compare STAGE[:MODE]=DIR... --out DIR [--persona P]     # e.g. base=DIR sft=DIR dpo=DIR
-    sfm eval capabilities MODEL --tasks sfm_local_qa,arc_easy,... --out DIR
+    sfm eval capabilities MODEL --tasks sfm_local_qa,arc_easy,... --out DIR [--no-verify-checksums]
     sfm eval questions [--questions FILE]      # validate a question file and count it
 
 MODEL is a Hugging Face folder or a Megatron checkpoint folder, optionally ``LABEL=PATH``.
@@ -21,6 +22,9 @@ _PERSONA_NAMES = ", ".join(PERSONAS)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false",
+                   help="Megatron checkpoints: skip hashing the content of the checkpoint's files (their "
+                        "presence and sizes are still checked); recorded in results.json")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -38,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column mapping FIELD=COLUMN,... or a preset (sfm, released); see docs/evaluation.md")
     p.add_argument("--splits", default=None, help="comma-separated splits to keep (default: all)")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, propensity.png); "
-                   "missing, empty, or a report without a propensity section")
+                   "missing, empty, or a report without this mode's section")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier propensity run (or a non-report folder) at --out, atomically")
+                   help="replace this mode's earlier run at --out (other modes' results and answers are kept), "
+                        "or a folder that is not a report, atomically")
     p.add_argument("--mode", choices=["logprob", "likelihood", "generate"], default="logprob",
                    help="logprob: letter log-probabilities (capable base models; the paper's protocol); "
                         "likelihood: each option's text as the continuation (small base models; NOT the "
@@ -90,59 +95,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _REPORT_ENTRIES = {"results.json", "results.md", "propensity.png", "answers", "answers-likelihood"}
-_ANSWERS_DIR = {"propensity": "answers", "propensity_likelihood": "answers-likelihood"}
 
 
-def _prepare_out(out: str, section: str, overwrite: bool) -> str:
+def _prepare_out(out: str, section: str, overwrite: bool) -> bool:
     """The output rule of ``sfm eval`` (docs/evaluation.md): one folder holds one report.
 
-    Returns ``"merge"`` (write the section into the report in place: a missing or empty
-    folder, or a report without this command's earlier run) or ``"rebuild"`` /
-    ``"fresh"`` (with ``overwrite``: build the new report, keeping the report's other
-    sections / from nothing, in a temporary folder that then replaces ``out``). An
-    earlier propensity run, or a folder that is not an sfm eval report, is refused
+    Returns whether the report already at ``out`` is kept (a missing or empty folder, a
+    report without this section's earlier run, or, with ``overwrite``, a report holding
+    it: its other sections and their answers stay, this section is replaced) or not (a
+    folder that is not an sfm eval report, replaced as a whole with ``overwrite``). An
+    earlier run of this propensity section, or a folder that is not a report, is refused
     without ``overwrite``: its files would stay beside the new ones.
     """
     from megatron_sfm.errors import SfmError
-    from megatron_sfm.evaluation.report import read_results
+    from megatron_sfm.evaluation.report import ANSWERS_DIRS, read_results
     from megatron_sfm.utils.io import check_output_dir
 
     path = check_output_dir(out, overwrite=True)  # a file at the path is an error
     if not path.is_dir() or not any(path.iterdir()):
-        return "merge"
+        return True
     names = {p.name for p in path.iterdir()}
     if (path / "results.json").is_file() and names <= _REPORT_ENTRIES:
         data = read_results(path)  # a foreign results.json is an error
-        if section == "capabilities" or not (data.get(section) or _ANSWERS_DIR[section] in names):
-            return "merge"
-        what, mode = "an earlier propensity run", "rebuild"
+        if section == "capabilities" or not (data.get(section) or ANSWERS_DIRS[section] in names):
+            return True
+        what, keep = "an earlier propensity run", True
     else:
-        what, mode = "files that are not an sfm eval report", "fresh"
+        what, keep = "files that are not an sfm eval report", False
     if not overwrite:
         raise SfmError(f"--out {path}/: not empty (holds {what}); pass --overwrite to replace it")
-    return mode
-
-
-def _write(out: str, mode: str, section: str, value: dict, answers=None) -> dict:
-    """Merge ``section`` into the report at ``out`` (see :func:`_prepare_out` for ``mode``)."""
-    from pathlib import Path
-
-    from megatron_sfm.evaluation.report import merge_section, write_report
-    from megatron_sfm.utils.io import output_dir
-
-    if mode == "merge":
-        return write_report(out, merge_section(out, section, value), answers,
-                            answers_dir=_ANSWERS_DIR.get(section, "answers"))
-    with output_dir(out, overwrite=True) as tmp:
-        report = merge_section(out if mode == "rebuild" else tmp, section, value)
-        written = write_report(tmp, report, answers, answers_dir=_ANSWERS_DIR.get(section, "answers"))
-    return {k: Path(out) / p.relative_to(tmp) for k, p in written.items()}
+    return keep
 
 
 def _propensity(args) -> int:
     from megatron_sfm.evaluation.formats import parse_personas
     from megatron_sfm.evaluation.propensity import run_propensity, section_for_mode
     from megatron_sfm.evaluation.questions import load_questions
+    from megatron_sfm.evaluation.report import write_section
 
     personas = None if args.persona is None else parse_personas(args.persona)  # fail before anything runs
     questions = load_questions(args.questions, args.columns)
@@ -150,31 +139,33 @@ def _propensity(args) -> int:
         keep = {s.strip().lower() for s in args.splits.split(",") if s.strip()}
         questions = [q for q in questions if q.split in keep]
     section = section_for_mode(args.mode)  # letter modes: propensity; likelihood: propensity_likelihood
-    mode = _prepare_out(args.out, section, args.overwrite)  # fail early, before the models run
+    keep_report = _prepare_out(args.out, section, args.overwrite)  # fail early, before the models run
     results, answers = run_propensity(
         args.models, questions, mode=args.mode, persona=personas, order=args.order,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
         show_progress=not args.no_progress, questions_file=args.questions or "bundled", tokenizer_path=args.tokenizer,
-        normalize=args.normalize,
+        normalize=args.normalize, verify_checksums=args.verify_checksums,
     )
-    written = _write(args.out, mode, section, results[section], answers)
+    written = write_section(args.out, section, results[section], answers, keep_report=keep_report)
     print(f"wrote {written['json']}, {written['md']}, {written['png']}")
     return 0
 
 
 def _capabilities(args) -> int:
     from megatron_sfm.evaluation.capabilities import run_capabilities
+    from megatron_sfm.evaluation.report import write_section
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads a float below 1 as a fraction, an int as a count
-    mode = _prepare_out(args.out, "capabilities", args.overwrite)
+    keep_report = _prepare_out(args.out, "capabilities", args.overwrite)
     label, section = run_capabilities(
         args.model, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
         device=args.device, dtype=args.dtype, include_paths=args.include_path, tokenizer_path=args.tokenizer,
+        verify_checksums=args.verify_checksums,
     )
-    written = _write(args.out, mode, "capabilities", {label: section})
+    written = write_section(args.out, "capabilities", {label: section}, keep_report=keep_report)
     print(f"wrote {written['json']}, {written['md']}")
     return 0
 

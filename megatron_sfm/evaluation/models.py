@@ -7,8 +7,10 @@ A model argument is ``PATH`` or ``LABEL=PATH``. ``PATH`` is either
 - one of our checkpoints (a ``latest`` file next to ``iter_*`` folders, or one ``iter_*``
   folder; :func:`megatron_sfm.checkpoint_format.is_checkpoint`), converted on the fly into
   a temporary Hugging Face folder by ``megatron_sfm.conversion`` (``export_to_hf``, as
-  ``sfm convert to-hf CKPT --out DIR``: the checkpoint's manifest, sizes and content
-  checksums are verified first) and deleted after the evaluation.
+  ``sfm convert to-hf CKPT --out DIR``: the checkpoint's manifest and file sizes are
+  verified first, and its content checksums unless ``verify_checksums=False``, the
+  ``--no-verify-checksums`` of ``sfm eval``) and deleted after the evaluation.
+  :func:`checkpoint_record` says what was verified, for results.json.
 
 Precision: bf16 on a GPU, fp32 on CPU (``dtype`` overrides).
 """
@@ -60,8 +62,33 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None = None) -> None:
-    """Export a Megatron checkpoint to a Hugging Face folder via ``megatron_sfm.conversion``."""
+def checkpoint_record(path: str | os.PathLike, verify_checksums: bool = True) -> dict[str, bool]:
+    """What results.json records about how a model's weights were checked.
+
+    ``{}`` for a Hugging Face folder (nothing to verify). For a Megatron checkpoint
+    ``{"checksums_verified": bool}``: True when the content of every file was hashed and
+    compared with the manifest (call it after :func:`hf_folder_for` succeeded), False when
+    hashing was skipped (``verify_checksums=False``) or the manifest holds sizes only (a
+    checkpoint written before checksums existed).
+    """
+    p = Path(path)
+    if is_hf_folder(p) or not is_megatron_checkpoint(p):
+        return {}
+    if not verify_checksums:
+        return {"checksums_verified": False}
+    from megatron_sfm import checkpoint_format as fmt
+
+    manifest = fmt.read_manifest(fmt.resolve_checkpoint(p))
+    return {"checksums_verified": all(entry["checksum"] is not None for entry in manifest.values())}
+
+
+def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None = None,
+                      verify_checksums: bool = True) -> None:
+    """Export a Megatron checkpoint to a Hugging Face folder via ``megatron_sfm.conversion``.
+
+    ``verify_checksums=False`` skips hashing the checkpoint's files (presence and sizes
+    are still checked by the exporter).
+    """
     try:
         from megatron_sfm.conversion import export_to_hf
     except ImportError as exc:
@@ -70,10 +97,10 @@ def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None
             f"convert it first with 'sfm convert to-hf {ckpt} --out HF_DIR'"
         ) from None
     try:
-        if tokenizer is None:
-            export_to_hf(ckpt, out)  # tokenizer: the checkpoint config's, when it exists
+        if tokenizer is None:  # tokenizer: the checkpoint config's, when it exists
+            export_to_hf(ckpt, out, verify_checksums=verify_checksums)
         else:
-            export_to_hf(ckpt, out, tokenizer=str(tokenizer))
+            export_to_hf(ckpt, out, tokenizer=str(tokenizer), verify_checksums=verify_checksums)
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("megatron_sfm"):
             raise
@@ -86,10 +113,14 @@ def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None
 
 
 @contextlib.contextmanager
-def hf_folder_for(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Iterator[Path]:
+def hf_folder_for(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
+                  verify_checksums: bool = True) -> Iterator[Path]:
     """Yield a Hugging Face folder for ``path``, converting a Megatron checkpoint if needed.
 
     ``tokenizer`` (a folder) is handed to the exporter to save alongside the weights.
+    ``verify_checksums=False``: a checkpoint's files are checked for presence and size
+    only, not hashed (minutes for a multi-billion-parameter checkpoint); ignored for a
+    Hugging Face folder.
     """
     p = Path(path)
     if not p.exists():
@@ -105,7 +136,7 @@ def hf_folder_for(path: str | os.PathLike, tokenizer: str | os.PathLike | None =
     tmp = Path(tempfile.mkdtemp(prefix="sfm-eval-hf-"))
     try:
         out = tmp / "hf"
-        _convert_megatron(p, out, tokenizer)
+        _convert_megatron(p, out, tokenizer, verify_checksums)
         yield out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

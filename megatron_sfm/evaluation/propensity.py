@@ -265,6 +265,7 @@ def run_propensity(
     questions_file: str = "bundled",
     tokenizer_path: str | None = None,
     normalize: str = DEFAULT_NORMALIZE,
+    verify_checksums: bool = True,
 ) -> tuple[dict[str, Any], dict[str, list[Answer]]]:
     """Evaluate each model (``PATH`` or ``LABEL=PATH``) under each persona; returns
     (results, answers per label).
@@ -273,9 +274,13 @@ def run_propensity(
     the mode's default persona). Each model is loaded once and answers under every persona.
     ``results`` is the JSON document written as results.json (see docs/evaluation.md);
     its one section is ``results[section_for_mode(mode)]``. A label's answers hold every
-    persona's, each :class:`Answer` naming its ``persona``.
+    persona's, each :class:`Answer` naming its ``persona``. ``verify_checksums=False``:
+    Megatron checkpoints are loaded without hashing their files (sizes still checked); a
+    checkpoint's model entry records ``checksums_verified``
+    (:func:`~megatron_sfm.evaluation.models.checkpoint_record`).
     """
     from megatron_sfm.evaluation.models import (
+        checkpoint_record,
         hf_folder_for,
         load_hf_model,
         parse_model_specs,
@@ -328,7 +333,7 @@ def run_propensity(
     )
     with progress:
         for spec in specs:
-            with hf_folder_for(spec.path, tokenizer_path) as folder:
+            with hf_folder_for(spec.path, tokenizer_path, verify_checksums=verify_checksums) as folder:
                 model, tokenizer = load_hf_model(folder, device=device, dtype=dtype, tokenizer_path=tokenizer_path)
                 runs: dict[str, dict[str, Any]] = {}
                 answers: list[Answer] = []
@@ -341,9 +346,10 @@ def run_propensity(
                     answers += persona_answers
                 del model
                 _free_accelerator_memory()
+            entry = {"path": str(spec.path), **checkpoint_record(spec.path, verify_checksums)}
             if len(personas) == 1:  # the layout of single-persona reports: the run is the entry
-                body["models"][spec.label] = {"path": str(spec.path), **runs[personas[0]]}
+                body["models"][spec.label] = {**entry, **runs[personas[0]]}
             else:
-                body["models"][spec.label] = {"path": str(spec.path), "personas": runs}
+                body["models"][spec.label] = {**entry, "personas": runs}
             all_answers[spec.label] = answers
     return results, all_answers

@@ -8,7 +8,9 @@ propensity results are present: one panel per split and mode, and per persona wh
 section holds several). A section holds one run per (model, persona)
 (:func:`megatron_sfm.evaluation.propensity.iter_runs`); a run flagged ``excluded`` (generate
 mode, >= 20% non-matches) is shown as excluded in every table and chart, never averaged
-in or ranked. Every file is written atomically.
+in or ranked. Every file is written atomically, and :func:`write_section` builds the whole
+folder beside the old one and swaps it in: a section replaced with its answers folder, the
+other sections and their answers folders carried over unchanged, never a half-written folder.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_sfm.errors import SfmError
 from megatron_sfm.evaluation.propensity import iter_runs, section_personas
-from megatron_sfm.utils.io import atomic_path, write_json
+from megatron_sfm.utils.io import atomic_path, output_dir, write_json
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -101,7 +104,10 @@ def merge_section(out_dir: str | os.PathLike, section: str, value: dict[str, Any
     ``capabilities`` merges per model (evaluating a second model keeps the first);
     ``propensity`` is replaced as a whole.
     """
-    data = read_results(out_dir)
+    return _merged(read_results(out_dir), section, value)
+
+
+def _merged(data: dict[str, Any], section: str, value: dict[str, Any]) -> dict[str, Any]:
     if section == "capabilities" and isinstance(data.get("capabilities"), dict):
         merged = dict(data["capabilities"])
         merged.update(value)
@@ -149,6 +155,48 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], answers: d
     return written
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` at ``dst`` (answers files are only ever replaced, never edited in
+    place, so sharing the inode is safe), or copy it where links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_answers(src: Path, dst: Path, replaced: str | None) -> None:
+    """Copy every answers folder of the report in ``src`` into ``dst`` except ``replaced``."""
+    for name in ANSWERS_DIRS.values():
+        if name != replaced and (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, copy_function=_link_or_copy)
+
+
+def write_section(out_dir: str | os.PathLike, section: str, value: dict[str, Any],
+                  answers: dict[str, Sequence] | None = None, *, keep_report: bool = True,
+                  console: bool = True) -> dict[str, Path]:
+    """Put ``section`` (with its ``answers``, for a propensity section) into the report at
+    ``out_dir``, atomically; returns what :func:`write_report` returns, under ``out_dir``.
+
+    ``keep_report``: start from the report already at ``out_dir`` (its other sections and
+    their answers folders are kept unchanged; this section and its answers folder are
+    replaced, ``capabilities`` merged per model); otherwise start from an empty report.
+    The new folder is built in a temporary sibling and swapped in
+    (:func:`megatron_sfm.utils.io.output_dir`), so ``out_dir`` is always the complete old
+    report or the complete new one; on an error it is left as it was.
+    """
+    out = Path(out_dir)
+    base = read_results(out) if keep_report else {"kind": "sfm-eval", "version": 1}
+    report = _merged(base, section, value)
+    answers_dir = ANSWERS_DIRS.get(section)
+    with output_dir(out, overwrite=True) as tmp:
+        if keep_report:
+            _carry_answers(out, tmp, answers_dir)
+        written = write_report(tmp, report, answers, console=False, answers_dir=answers_dir or "answers")
+    if console:
+        print_console_table(report)
+    return {key: out / path.relative_to(tmp) for key, path in written.items()}
+
+
 def split_columns(runs: Sequence[dict[str, Any]], split: str) -> list[str]:
     """``all`` and the sorted topics any of ``runs`` has in ``split``."""
     topics: set[str] = set()
@@ -191,6 +239,11 @@ def cell_text(run: dict[str, Any], split: str, column: str) -> str:
 
 def non_match_text(rate: float | None) -> str:
     return "n/a" if rate is None else f"{100 * rate:.1f}%"
+
+
+def unverified_note(entry: dict[str, Any]) -> str:
+    """" (checksums not verified)" for a checkpoint loaded without hashing its files, else ""."""
+    return " (checksums not verified)" if entry.get("checksums_verified") is False else ""
 
 
 def split_non_match(run: dict[str, Any], split: str) -> float | None:
@@ -264,7 +317,8 @@ def _render_propensity(prop: dict[str, Any], likelihood: bool) -> list[str]:
               "| --- " * (5 + len(splits)) + "|"]
     for label, p, run in runs:
         per_split = "".join(f"{non_match_text(split_non_match(run, s))} | " for s in splits)
-        lines.append(f"| {label} | {p} | `{run['path']}` | {non_match_text(run.get('non_match_rate'))} | {per_split}"
+        path = f"`{run['path']}`{unverified_note(prop['models'][label])}"
+        lines.append(f"| {label} | {p} | {path} | {non_match_text(run.get('non_match_rate'))} | {per_split}"
                      f"{'yes (>= 20% non-match)' if run.get('excluded') else 'no'} |")
     lines.append("")
     return lines
@@ -293,6 +347,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                     val = f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
                     lines.append(f"| {label} | {task} | {metric} | {val} | {se_text} |")
         lines.append("")
+        unverified = [label for label, entry in caps.items() if unverified_note(entry)]
+        if unverified:
+            lines += [f"Checkpoint checksums not verified (--no-verify-checksums) for: {', '.join(unverified)}.", ""]
     if not prop and not caps:
         lines += ["No results.", ""]
     return "\n".join(lines)

@@ -8,6 +8,8 @@
   their position difference to the residual stream; the output layer turns "zebra comes
   first" into a preference for "A" and "walrus comes first" into "B". It therefore
   prefers the option whose *content* is "zebra", in either answer order.
+- ``a_model_checkpoint``: ``a_model_dir`` imported as one of our Megatron checkpoints
+  (``sfm convert from-hf``; about 10 s, once per session). Tests that damage it copy it.
 - ``random_model_dir``: a randomly initialised GPTNeoXForCausalLM (for lm-eval runs).
 - ``chatml_model_dir``: a post-trained chat model's layout: a ChatML template
   (``<|im_start|>role\n...<|im_end|>\n``, both markers special tokens), the tokenizer's eos
@@ -110,6 +112,13 @@ def a_model_dir(tmp_path_factory, tokenizer):
         head.weight[_single_id(tokenizer, " A"), 0] = 10.0
         head.weight[_single_id(tokenizer, "A"), 0] = 9.0  # " A" wins when generating: " A A A"
     return _save(model, tokenizer, tmp_path_factory.mktemp("a_model"))
+
+
+@pytest.fixture(scope="session")
+def a_model_checkpoint(tmp_path_factory, a_model_dir):
+    from megatron_sfm.conversion import import_from_hf
+
+    return import_from_hf(a_model_dir, tmp_path_factory.mktemp("a_model_ckpt") / "ckpt")
 
 
 @pytest.fixture(scope="session")
