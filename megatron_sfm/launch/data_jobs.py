@@ -15,7 +15,9 @@ succeeded (``--dependency=afterok:ARRAY --kill-on-invalid-dep=yes``). The output
 * after the merge job: ``report.json`` (the per-task reports summed; the single-process
   report's keys), for filter ``kept/`` and ``flagged/`` (hard links to the task files,
   under the names a single-process run gives them), for tokenize ``prefixes.json`` (the
-  task prefixes, in input order; their concatenation is the single-process dataset).
+  task prefixes, in input order; their concatenation is the single-process dataset), for
+  synthesize ``merged/`` (the tasks' documents less those that duplicate, exactly or
+  nearly, a document of an earlier task; ``synthesis/merge.py``).
 
 Resubmitting the same command submits only the tasks without a valid ``DONE`` marker
 (and the merge job), so a cancelled, killed or failed task is redone and nothing that
@@ -59,6 +61,7 @@ REPORT = "report.json"
 PREFIXES = "prefixes.json"
 TEMPLATE = "templates/data_array.sh"
 TOKENIZE_PREFIX = "data"  # tasks/NNNNN/data.bin/.idx/.stats.json
+SYNTH_MERGED = "merged"  # synthesize: DIR/merged/shard-NNNNN.jsonl.zst (cross-task duplicates dropped)
 # Testing aid (docs/launch.md): seconds a task waits after writing its outputs and
 # before committing them, so a test can kill it at the worst moment.
 PAUSE_ENV = "SFM_DATA_TASK_PAUSE_BEFORE_COMMIT"
@@ -611,7 +614,10 @@ def _synthesize_task(ns: argparse.Namespace, entry: dict, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- merging
 def merge(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """Combine the tasks' reports and outputs into ``DIR/report.json`` (and kept/, flagged/ or prefixes.json)."""
+    """Combine the tasks' reports and outputs into ``DIR/report.json`` (and kept/, flagged/, prefixes.json or merged/).
+
+    Nothing of the tasks changes, so running it again gives the same result.
+    """
     from megatron_sfm.utils.io import write_json
 
     data_dir = Path(data_dir).absolute()
@@ -710,7 +716,50 @@ def _link_filter_outputs(data_dir: Path, entries: list[dict]) -> None:
 
 
 def merge_synthesis_manifests(data_dir: Path, entries: list[dict]) -> dict[str, Any]:
-    """Synthesis: the tasks' manifest counts summed, settings checked equal, every shard listed."""
+    """Synthesis: the tasks' manifests summed (settings checked equal) and their documents merged.
+
+    The documents go to ``DIR/merged/`` without those that duplicate (exactly or nearly,
+    the tasks' own rule and threshold) a document kept by an earlier task
+    (:func:`~megatron_sfm.data_tools.synthesis.merge.merge_outputs`); ``accepted`` and
+    ``rejected`` count that pass too, which ``across_tasks`` details.
+    """
+    from megatron_sfm.data_tools.synthesis.merge import merge_outputs
+
+    manifests = _synthesis_manifests(data_dir, entries)
+    out = _summed_manifests(manifests)
+    threshold = (out["checks"] or {}).get("near_dup_threshold", 0.8)
+    folders = [task_dir(data_dir, e["index"]) for e in entries]
+    stats = merge_outputs(folders, data_dir / SYNTH_MERGED, threshold=threshold,
+                          expected=[int(m.get("accepted", 0)) for m in manifests])
+    rejected: Counter = Counter()
+    for m in manifests:
+        rejected.update(m.get("rejected", {}))
+    rejected.update({k: v for k, v in stats["dropped"].items() if v})
+    out["accepted"] = stats["kept"]
+    out["rejected"] = dict(sorted(rejected.items()))
+    out["across_tasks"] = {"documents": stats["documents"], "kept": stats["kept"], "dropped": stats["dropped"],
+                           "per_task": stats["per_folder"], "threshold": threshold, "hash": stats["hash"],
+                           "shards_linked": stats["linked"]}
+    out["shards"] = [str(data_dir / SYNTH_MERGED / name) for name in stats["shards"]]
+    out["note"] = ("near-duplicates are removed within each task, then across tasks by the merge "
+                   "(the first copy in task order is kept); rejected counts both")
+    return out
+
+
+def _summed_manifests(manifests: list[dict]) -> dict[str, Any]:
+    """The tasks' counts summed; the settings every task must share, checked equal."""
+    out: dict[str, Any] = {"kind": "sfm-synthesize-merged", "complete": all(m.get("complete") for m in manifests)}
+    for key in ("scenarios", "requests", "accepted", "failed", "tokens_in", "tokens_out"):
+        out[key] = sum(int(m.get(key, 0)) for m in manifests)
+    for key in ("model", "genres", "prompt_hash", "pools", "k", "held_out_split", "held_out_questions", "checks"):
+        values = {json.dumps(m.get(key), sort_keys=True) for m in manifests}
+        if len(values) > 1:
+            raise SfmError(f"synthesis tasks disagree on {key}: {sorted(values)}")
+        out[key] = manifests[0].get(key)
+    return out
+
+
+def _synthesis_manifests(data_dir: Path, entries: list[dict]) -> list[dict]:
     manifests = []
     for e in entries:
         path = task_dir(data_dir, e["index"]) / "manifest.json"
@@ -718,18 +767,4 @@ def merge_synthesis_manifests(data_dir: Path, entries: list[dict]) -> dict[str, 
             manifests.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             raise SfmError(f"{path}: missing or not JSON; resubmit to rerun task {e['index']}") from None
-    out: dict[str, Any] = {"kind": "sfm-synthesize-merged", "complete": all(m.get("complete") for m in manifests)}
-    for key in ("scenarios", "requests", "accepted", "failed", "tokens_in", "tokens_out"):
-        out[key] = sum(int(m.get(key, 0)) for m in manifests)
-    rejected: Counter = Counter()
-    for m in manifests:
-        rejected.update(m.get("rejected", {}))
-    out["rejected"] = dict(sorted(rejected.items()))
-    for key in ("model", "genres", "prompt_hash", "pools", "k", "held_out_split", "held_out_questions", "checks"):
-        values = {json.dumps(m.get(key), sort_keys=True) for m in manifests}
-        if len(values) > 1:
-            raise SfmError(f"synthesis tasks disagree on {key}: {sorted(values)}")
-        out[key] = manifests[0].get(key)
-    out["shards"] = [str(p) for e in entries for p in sorted(task_dir(data_dir, e["index"]).glob("shard-*.jsonl*"))]
-    out["note"] = "near-duplicates are removed within each task, not across tasks"
-    return out
+    return manifests

@@ -396,12 +396,55 @@ def test_synthesize_tasks_split_scenarios_and_merge_to_the_single_process_docume
     assert merged["complete"] is True and merged["held_out_questions"] == 2
     for key in ("scenarios", "requests", "accepted", "failed", "tokens_out"):
         assert merged[key] == one[key], key
-    docs = []
-    for e in plan["tasks"]:
-        docs += h.read_docs(tmp_path / "run" / "tasks" / f"{e['index']:05d}")
+    docs = h.read_docs(tmp_path / "run" / "merged")
     ref = h.read_docs(tmp_path / "single")
     assert sorted((d["id"], d["text"]) for d in docs) == sorted((d["id"], d["text"]) for d in ref)
-    assert len(merged["shards"]) == 3
+    assert merged["across_tasks"]["dropped"] == {"duplicate": 0, "near_duplicate": 0}
+    assert merged["shards"] == [str(tmp_path / "run" / "merged" / f"shard-0000{i}.jsonl.zst") for i in range(3)]
+
+
+def test_synthesize_merge_drops_what_an_earlier_task_kept_and_reruns_to_the_same_output(tmp_path):
+    h = _synthesis_fixtures()
+    # tasks get scenarios [0, 1], [2, 3, 4], [5, 6]; the fake server answers every SAMEME request with
+    # one text and every NEARME request with one text plus a word of its own
+    marks = ["SAMEME", "NEARME", "SAMEME", "", "", "NEARME", ""]
+    rows = [h._q(i, marker=m) for i, m in enumerate(marks)] + [h._q(100, split="textbook")]
+    scen = h.write_scenarios(tmp_path / "s.jsonl", rows)
+    procs: list = []
+    try:
+        url, _ = h.server_starter(tmp_path, procs)()
+        args = ["--base-url", url, "--model", "tiny-model", "--genre", "fiction", "--backoff", "0.01"]
+        merged = run_locally("synthesize", [str(scen)], tmp_path / "run", args, 3, tmp_path)
+        single = h.sfm(scen, "--out", tmp_path / "single", *args)
+        assert single.returncode == 0, single.stderr[-2000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    run = tmp_path / "run"
+    tasks = [h.read_docs(run / "tasks" / f"{i:05d}") for i in range(3)]
+    assert [len(t) for t in tasks] == [2, 5, 3]  # within a task: one SAMEME and one NEARME copy each
+    docs = h.read_docs(run / "merged")
+    # the later tasks' SAMEME (task 1) and NEARME (task 2) copies are dropped; task 0's are kept
+    dropped = {d["id"] for d in tasks[1] + tasks[2] if d["scenario_id"] in ("art-2", "art-5")}
+    assert len(dropped) == 2
+    assert [d["id"] for d in docs] == [d["id"] for t in tasks for d in t if d["id"] not in dropped]
+    marked = {f"art-{i}" for i, m in enumerate(marks) if m}
+    assert {d["scenario_id"] for d in docs} & marked == {"art-0", "art-1"}  # the first copies
+    across = merged["across_tasks"]
+    assert across["dropped"] == {"duplicate": 1, "near_duplicate": 1}
+    assert across["documents"] == 10 and across["kept"] == merged["accepted"] == len(docs) == 8
+    assert merged["rejected"] == {"duplicate": 3, "near_duplicate": 3}  # 2 within tasks + 1 across, each
+    assert merged["requests"] == merged["accepted"] + sum(merged["rejected"].values()) + merged["failed"]
+    one = json.loads((tmp_path / "single" / "manifest.json").read_text())
+    assert (merged["accepted"], merged["rejected"]) == (one["accepted"], one["rejected"])  # as one process
+    first = "shard-00000.jsonl.zst"
+    assert os.path.samefile(run / "merged" / first, run / "tasks" / "00000" / first)  # linked, not copied
+    # the merge job again (a requeue, a rerun by hand): the same report and the same bytes
+    before = tree_bytes(run / "merged")
+    assert dj.merge(run) == merged
+    assert tree_bytes(run / "merged") == before
+    assert json.loads((run / "report.json").read_text()) == merged
 
 
 def test_synthesize_with_more_tasks_than_scenarios_is_refused(tmp_path):

@@ -2,7 +2,9 @@
 
 Four array tasks over two nodes (2 CPUs each) for filter and tokenize, compared with a
 single-process run; one task cancelled (scancel) after writing its outputs and before
-committing them, and the resubmission of the same command redoing only that task.
+committing them, and the resubmission of the same command redoing only that task; two
+synthesize tasks against the fake OpenAI server on this host, whose replies repeat across
+the tasks, merged without the later copies.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from megatron_sfm.launch import data_jobs as dj
 
 from .conftest import job_info, wait_for_job, wait_until
-from .test_data_jobs import documents, make_inputs, make_tokenizer, tree_bytes
+from .test_data_jobs import _synthesis_fixtures, documents, make_inputs, make_tokenizer, tree_bytes
 
 SFM = [sys.executable, "-m", "megatron_sfm.cli"]
 
@@ -94,3 +96,41 @@ def test_tokenize_task_cancelled_before_commit_is_redone_by_the_resubmission(slu
     assert documents(prefixes) == documents([str(tmp_path / "single")])  # nothing lost, nothing twice
     single = json.loads((tmp_path / "single.stats.json").read_text())
     assert json.loads((out / "report.json").read_text())["tokens"] == single["num_tokens"]
+
+
+def test_synthesize_array_against_a_local_server_merges_without_cross_task_duplicates(slurm_cluster, tmp_path):
+    h = _synthesis_fixtures()
+    # task 0 gets scenarios 0-2, task 1 gets 3-5; the server answers every SAMEME request with one text
+    # and every NEARME request with one text plus a word of its own, in whichever task it comes
+    marks = ["SAMEME", "NEARME", "", "SAMEME", "NEARME", ""]
+    rows = [h._q(i, marker=m) for i, m in enumerate(marks)] + [h._q(100, split="textbook")]
+    scen = h.write_scenarios(tmp_path / "s.jsonl", rows)
+    procs: list = []
+    try:
+        url, server_log = h.server_starter(tmp_path, procs)()
+        args = ["synthesize", str(scen), "--out", "run", "--tasks", "2", "--time", "00:05:00", "--",
+                "--base-url", url, "--model", "tiny-model", "--genre", "fiction", "--backoff", "0.01"]
+        array, merge = _submit(tmp_path, *args)
+        out = tmp_path / "run"
+        info = wait_for_job(merge, timeout=180, log=next(iter((out / "jobs").glob("merge-*.out")), None))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    logs = "".join(p.read_text() for p in (out / "jobs").glob("*.out"))
+    assert info["JobState"] == "COMPLETED", logs
+    assert all(job_info(f"{array}_{i}")["JobState"] == "COMPLETED" for i in range(2)), logs
+    served = [json.loads(line) for line in server_log.read_text().splitlines()]
+    assert len(served) == len({s["prompt"] for s in served}) == 12  # 6 scenarios x 2 pools, each asked once
+    tasks = [h.read_docs(out / "tasks" / f"{i:05d}") for i in range(2)]
+    assert [len(t) for t in tasks] == [4, 4]  # each task kept one SAMEME and one NEARME reply of its two
+    docs = h.read_docs(out / "merged")
+    later_copies = {d["id"] for d in tasks[1] if d["scenario_id"] in ("art-3", "art-4")}
+    assert len(later_copies) == 2
+    assert [d["id"] for d in docs] == [d["id"] for t in tasks for d in t if d["id"] not in later_copies]
+    report = json.loads((out / "report.json").read_text())
+    assert report["across_tasks"]["dropped"] == {"duplicate": 1, "near_duplicate": 1}
+    assert report["accepted"] == len(docs) == 6 and report["complete"] is True
+    assert report["rejected"] == {"duplicate": 3, "near_duplicate": 3}  # 1 in each task + 1 across, each
+    assert report["held_out_questions"] == 1 and report["slurm_data"]["tasks"] == 2
+    assert report["shards"] == [str(out / "merged" / f"shard-0000{i}.jsonl.zst") for i in range(2)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
+from array import array
 from typing import Iterable, Optional, Sequence
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -48,42 +50,61 @@ def _hash32(data: bytes) -> int:
     return hash(data) & 0xFFFFFFFF
 
 
-class Deduplicator:
-    """Exact (hash of the normalised text) and near duplicates (MinHash LSH)."""
+def stable_hash32(data: bytes) -> int:
+    """Shingle hash that is the same in every process (CRC-32), for passes that must be reproducible."""
+    return zlib.crc32(data)
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 64, shingle: int = 5):
+
+class Deduplicator:
+    """Exact (hash of the normalised text) and near duplicates (MinHash LSH).
+
+    ``hashfunc`` hashes the shingles: Python's salted hash by default (fast; decisions
+    can differ between processes only for pairs near the threshold), :func:`stable_hash32`
+    where a rerun must make the same decisions.
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 64, shingle: int = 5, hashfunc=_hash32):
         from datasketch import MinHashLSH
 
         self.threshold, self.num_perm, self.shingle = threshold, num_perm, shingle
-        self.exact: set[bytes] = set()
+        self.hashfunc = hashfunc
+        self.exact: dict[bytes, int] = {}  # normalised-text digest -> group of the kept document
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._count = 0
+        self._groups = array("I")  # LSH key (insertion number) -> group of the kept document
         self._permutations = None  # drawn once, not per document
 
     def _minhash(self, tokens: Sequence[str]):
         from datasketch import MinHash
 
         if self._permutations is None:
-            m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=_hash32)
+            m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=self.hashfunc)
             self._permutations, self._scheme = m.permutations, m.scheme
         else:
-            m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=_hash32, permutations=self._permutations,
+            m = MinHash(num_perm=self.num_perm, seed=1, hashfunc=self.hashfunc, permutations=self._permutations,
                         scheme=self._scheme)
         n = self.shingle if len(tokens) >= self.shingle else max(1, len(tokens))
         m.update_batch([" ".join(tokens[i:i + n]).encode() for i in range(max(1, len(tokens) - n + 1))])
         return m
 
-    def check_and_add(self, tokens: Sequence[str]) -> Optional[str]:
-        """None when new (and remember it); else ``duplicate`` or ``near_duplicate``."""
+    def check_and_add(self, tokens: Sequence[str], group: Optional[int] = None) -> Optional[str]:
+        """None when new (and remember it); else ``duplicate`` or ``near_duplicate``.
+
+        ``group`` (the cross-task pass of a merge: the task index): only documents kept
+        under a smaller group count, so documents of one group are never compared with
+        each other; the document is remembered under ``group``. Without it every kept
+        document counts.
+        """
         key = hashlib.blake2b(" ".join(tokens).encode(), digest_size=16).digest()
-        if key in self.exact:
+        earlier = self.exact.get(key)
+        if earlier is not None and (group is None or earlier < group):
             return "duplicate"
         m = self._minhash(tokens)
-        if self.lsh.query(m):
+        hits = self.lsh.query(m)
+        if hits and (group is None or any(self._groups[k] < group for k in hits)):
             return "near_duplicate"
-        self.exact.add(key)
-        self.lsh.insert(str(self._count), m)
-        self._count += 1
+        self.exact.setdefault(key, group or 0)
+        self.lsh.insert(len(self._groups), m, check_duplication=False)
+        self._groups.append(group or 0)
         return None
 
 

@@ -7,7 +7,9 @@ Replies are deterministic word salads seeded by the request's prompt, long enoug
 the generator's checks, unless the scenario text holds a marker:
 ``REFUSEME`` (a refusal), ``QUOTEME`` (quotes the chosen option), ``SHORTME`` (too short),
 ``DUPME`` (the same text for every request of that scenario), ``ECHOME`` (repeats the
-situation, to trip decontamination).
+situation, to trip decontamination), ``SAMEME`` (one text for every request holding it,
+whatever the scenario: exact duplicates across scenarios), ``NEARME`` (one text plus a
+word unique to the prompt: near duplicates across scenarios, Jaccard about 0.99).
 
 ``--faults N``: the first N tries of every distinct prompt fail, cycling through 429 with
 Retry-After, 500, a hang (longer than the client's timeout), malformed JSON, a truncated
@@ -112,6 +114,10 @@ def main() -> None:
             text = "Too short to keep."
         elif "DUPME" in prompt:
             text = _salad(situation)
+        elif "SAMEME" in prompt:
+            text = _salad("SAMEME")
+        elif "NEARME" in prompt:
+            text = _salad("NEARME", 200) + " " + key
         elif "ECHOME" in prompt:
             text = _salad(prompt, 40) + " " + situation + " " + _salad(prompt + "c", 40)
         else:
