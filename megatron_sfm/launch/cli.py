@@ -122,6 +122,11 @@ def build_slurm_data_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", required=True, help="time limit per task, [D-]HH:MM:SS")
     p.add_argument("--cpus-per-task", type=int, help="CPUs per array task (default: the stage's --workers, else 1)")
     p.add_argument("--mem", help="memory per task (sbatch --mem, e.g. 16G)")
+    p.add_argument("--merge-time", metavar="[D-]HH:MM:SS",
+                   help="time limit of the merge job (default: --time); synthesize's cross-task pass needs hours "
+                        "at paper scale")
+    p.add_argument("--merge-mem", help="memory of the merge job (default: --mem); synthesize's cross-task index "
+                                       "holds about 2 KB per document")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--job-name", help="array job name (default: sfm-data-STAGE)")
@@ -146,7 +151,8 @@ def cmd_slurm_data(argv: list[str]) -> int:
         argv, stage_args = argv[:cut], argv[cut + 1:]
     args = build_slurm_data_parser().parse_intermixed_args(argv)
     opts = DataJobOptions(tasks=args.tasks, time=args.time, array_parallelism=args.array_parallelism,
-                          cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition,
+                          cpus_per_task=args.cpus_per_task, mem=args.mem, merge_time=args.merge_time,
+                          merge_mem=args.merge_mem, partition=args.partition,
                           account=args.account, job_name=args.job_name, python=args.python, env=dict(args.env or []))
     data_dir, plan, ids, need_merge = prepare(args.stage, args.inputs, stage_args, args.out, opts)
     if not need_merge:

@@ -274,6 +274,8 @@ class DataJobOptions:
     array_parallelism: int | None = None
     cpus_per_task: int | None = None  # default: the stage's --workers
     mem: str | None = None
+    merge_time: str | None = None  # the merge job's limits (default: the task's --time / --mem)
+    merge_mem: str | None = None
     partition: str | None = None
     account: str | None = None
     job_name: str | None = None
@@ -297,12 +299,14 @@ def validate_data_options(opts: DataJobOptions) -> None:
     from megatron_sfm.launch.slurm import _ENV_KEY_RE, _check_text, time_limit_seconds
 
     time_limit_seconds(opts.time)
+    if opts.merge_time is not None:
+        time_limit_seconds(opts.merge_time, "--merge-time")
     for flag, value in (("--tasks", opts.tasks), ("--array-parallelism", opts.array_parallelism),
                         ("--cpus-per-task", opts.cpus_per_task)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SfmError(f"{flag}: must be an integer >= 1, got {value!r}")
     for flag, value in (("--job-name", opts.job_name), ("--partition", opts.partition), ("--account", opts.account),
-                        ("--python", opts.python), ("--mem", opts.mem)):
+                        ("--python", opts.python), ("--mem", opts.mem), ("--merge-mem", opts.merge_mem)):
         _check_text(flag, value)
     for key, value in opts.env.items():
         if not _ENV_KEY_RE.match(key):
@@ -355,10 +359,13 @@ def render_jobs(plan: dict, data_dir: Path, opts: DataJobOptions, ids: list[int]
     user_env = (["# --env KEY=VALUE"] + [f"export {k}={q(v)}" for k, v in opts.env.items()]) if opts.env else []
 
     def common(kind: str, job_name: str) -> list[str]:
+        merging = kind == "merge"
+        limit = opts.merge_time if merging and opts.merge_time else opts.time
+        mem = opts.merge_mem if merging and opts.merge_mem else opts.mem
         argv = ["sbatch", "--parsable", f"--job-name={job_name}", "--nodes=1", "--ntasks=1",
-                f"--cpus-per-task={cpus if kind == 'array' else 1}", f"--time={opts.time}"]
-        if opts.mem:
-            argv.append(f"--mem={opts.mem}")
+                f"--cpus-per-task={1 if merging else cpus}", f"--time={limit}"]
+        if mem:
+            argv.append(f"--mem={mem}")
         if opts.partition:
             argv.append(f"--partition={opts.partition}")
         if opts.account:

@@ -134,17 +134,17 @@ class SlurmOptions:
         return "python3" if self.container else sys.executable
 
 
-def time_limit_seconds(text: str) -> int:
-    """``[D-]HH:MM:SS`` -> seconds; :class:`SfmError` naming ``--time`` otherwise."""
+def time_limit_seconds(text: str, flag: str = "--time") -> int:
+    """``[D-]HH:MM:SS`` -> seconds; :class:`SfmError` naming ``flag`` otherwise."""
     m = _TIME_RE.match(text or "")
     if not m:
-        raise SfmError(f"--time: {text!r} is not [D-]HH:MM:SS (e.g. 04:00:00 or 2-00:00:00)")
+        raise SfmError(f"{flag}: {text!r} is not [D-]HH:MM:SS (e.g. 04:00:00 or 2-00:00:00)")
     days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
     if minutes >= 60 or seconds >= 60:
-        raise SfmError(f"--time: {text!r} has minutes or seconds >= 60")
+        raise SfmError(f"{flag}: {text!r} has minutes or seconds >= 60")
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
     if total <= 0:
-        raise SfmError(f"--time: {text!r} is zero")
+        raise SfmError(f"{flag}: {text!r} is zero")
     return total
 
 

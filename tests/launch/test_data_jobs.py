@@ -168,6 +168,23 @@ def test_control_characters_and_bad_numbers_are_refused(tmp_path):
         dj.validate_data_options(dj.DataJobOptions(tasks=2, time="00:10:00", array_parallelism=0))
     with pytest.raises(SfmError, match="--time: '10 minutes' is not"):
         dj.validate_data_options(dj.DataJobOptions(tasks=2, time="10 minutes"))
+    with pytest.raises(SfmError, match="--merge-time: '1:60:00' has minutes or seconds >= 60"):
+        dj.validate_data_options(dj.DataJobOptions(tasks=2, time="00:10:00", merge_time="1:60:00"))
+    with pytest.raises(SfmError, match="--merge-mem: .* contains a control character"):
+        dj.validate_data_options(dj.DataJobOptions(tasks=2, time="00:10:00", merge_mem="4G\n"))
+
+
+def test_the_merge_job_can_have_its_own_time_and_memory(tmp_path):
+    make_inputs(tmp_path)
+    plan = dj.build_plan("filter", [str(tmp_path / "in")], [], 2, tmp_path)
+    same = dj.render_jobs(plan, tmp_path / "o", dj.DataJobOptions(tasks=2, time="00:10:00", mem="4G"), [0, 1])
+    assert [(j.kind, "--time=00:10:00" in j.argv, "--mem=4G" in j.argv) for j in same] == [
+        ("array", True, True), ("merge", True, True)]
+    own = dj.render_jobs(plan, tmp_path / "o", dj.DataJobOptions(tasks=2, time="00:10:00", mem="4G",
+                                                                  merge_time="06:00:00", merge_mem="48G"), [0, 1])
+    array, merge_job = own
+    assert "--time=00:10:00" in array.argv and "--mem=4G" in array.argv
+    assert "--time=06:00:00" in merge_job.argv and "--mem=48G" in merge_job.argv and "--mem=4G" not in merge_job.argv
 
 
 # ----------------------------------------------------------------------------- task runs and merges
