@@ -144,6 +144,10 @@ class Store:
         for rec in records:
             if rec.get("id") not in r.kept_ids:
                 r.outcomes[rec["id"]] = rec
+            # a rejected reply's tokens were spent too (failed requests carry no usage)
+            usage = rec.get("usage") or {}
+            r.prompt_tokens += int(usage.get("prompt_tokens", 0))
+            r.completion_tokens += int(usage.get("completion_tokens", 0))
         return r
 
     @staticmethod

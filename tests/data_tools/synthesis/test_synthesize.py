@@ -199,3 +199,20 @@ def test_dry_run_counts_requests_and_hours(tmp_path):
     assert plan["expected_output_tokens"] == int(180 * 11e9 / 14.9e6)
     assert plan["paper_scale"]["expected_hours"] == pytest.approx(11e9 / 1000 / 3600)
     assert not (tmp_path / "out").exists()
+
+
+def test_resumed_token_totals_count_rejected_replies(tmp_path):
+    """tokens_in/out of a resumed job include what earlier runs spent on rejected replies,
+    not only on kept documents."""
+    from megatron_sfm.data_tools.synthesis.store import Store
+
+    store = Store(tmp_path / "out", shard_docs=10)
+    store.check_job({"job": 1}, overwrite=False)
+    store.open()
+    store.keep({"id": "a", "text": "kept text", "usage": {"prompt_tokens": 10, "completion_tokens": 100}})
+    store.outcome({"id": "b", "request": "r", "status": "rejected", "reason": "refusal",
+                   "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
+    store.outcome({"id": "c", "request": "r", "status": "failed", "error": "HTTP 500", "tries": 3})
+    resumed = Store(tmp_path / "out", shard_docs=10).resume()
+    assert (resumed.prompt_tokens, resumed.completion_tokens) == (17, 103)
+    assert set(resumed.outcomes) == {"b", "c"} and resumed.kept_ids == {"a"}
