@@ -2,7 +2,12 @@
 (with ``posttrain=True`` then sft x4 -> dpo x4 -> posttrain-evaluate; :mod:`megatron_sfm.demo.posttrain`).
 
 Every stage writes into ``out_dir`` and leaves a marker ``out_dir/.stages/<stage>.done``
-when it completed; a rerun skips finished stages (``force=True`` redoes everything).
+when it completed (train, convert, sft and dpo also one per condition, ``<stage>-<condition>``).
+A marker holds a fresh random id and the ids of the markers of the stages it was computed
+from (:func:`stage_inputs`); a stage is done only while its marker records the current ids
+of all of them, so when a stage reruns, everything computed from it reruns too (per
+condition: train -> convert -> sft -> dpo; evaluate and posttrain-evaluate after any
+condition). A rerun skips the stages that are done (``force=True`` redoes everything).
 Training runs ``sfm train`` in a child process per condition (a clean process group
 each), the other stages call the library directly.
 """
@@ -15,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,6 +66,36 @@ class DemoSettings:
         return cls(base_documents=600, synthetic_per_question=2, vocab_size=512, num_layers=2, hidden_size=64,
                    seq_length=64, micro_batch_size=8, global_batch_size=8, train_iters=150, eval_batch_size=32,
                    eval_questions_per_split=8, posttrain=PosttrainSettings.fast())
+
+
+MARKER_DIR = ".stages"
+# What each stage is computed from: the markers whose ids its own marker records. Per
+# condition ("train-unfiltered", ...): train <- mix and tokenizer, convert <- train, sft <- convert,
+# dpo <- sft. A stage that runs once per condition ("train") is done when all its parts are.
+_CHAIN = {"train": ("mix", "tokenizer"), "convert": ("train-{c}",), "sft": ("convert-{c}",), "dpo": ("sft-{c}",)}
+
+
+def per_condition(kind: str) -> tuple[str, ...]:
+    """The per-condition marker names of ``kind`` (train, convert, sft or dpo)."""
+    return tuple(f"{kind}-{c}" for c in CONDITIONS)
+
+
+_INPUTS = {
+    "corpus": (), "filter": ("corpus",), "tokenizer": ("corpus",), "tokenize": ("corpus", "filter", "tokenizer"),
+    "mix": ("tokenize",), "evaluate": per_condition("convert"),
+    "posttrain-evaluate": ("evaluate", *per_condition("convert"), *per_condition("sft"), *per_condition("dpo")),
+    **{kind: per_condition(kind) for kind in _CHAIN},
+}
+
+
+def stage_inputs(stage: str) -> tuple[str, ...]:
+    """The markers ``stage`` (a stage or ``<kind>-<condition>``) is computed from."""
+    if stage in _INPUTS:
+        return _INPUTS[stage]
+    kind, _, condition = stage.partition("-")
+    if kind in _CHAIN and condition in CONDITIONS:
+        return tuple(u.format(c=condition) for u in _CHAIN[kind])
+    raise SfmError(f"unknown demo stage {stage!r} (stages: {', '.join(_INPUTS)}, or train/convert/sft/dpo-<condition>)")
 
 
 # The ordering the paper reports on the articles split (least to most misaligned).
@@ -121,12 +157,60 @@ class DemoRun:
     def data_dir(self) -> Path:
         return self.out_dir / "data"
 
-    def _done(self, stage: str) -> Path:
-        return self.out_dir / ".stages" / f"{stage}.done"
-
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
+        """Print ``text`` (rich markup) on the run's console, if it has one."""
         if self.console is not None:
             self.console.print(text)
+
+    # --------------------------------------------------------------- markers
+    def marker(self, stage: str) -> Path:
+        """``out_dir/.stages/<stage>.done``: the marker of a stage or of ``<kind>-<condition>``."""
+        return self.out_dir / MARKER_DIR / f"{stage}.done"
+
+    def _record(self, stage: str) -> dict | None:
+        """The marker's content; None when it is missing or not a marker this version writes."""
+        try:
+            record = json.loads(self.marker(stage).read_text(encoding="utf-8"))
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                and isinstance(record.get("inputs"), dict)):
+            return None  # e.g. "ok" or a bare summary: written before markers recorded their inputs
+        return record
+
+    def current_id(self, stage: str) -> str | None:
+        """The id of ``stage``'s marker while the stage is done, else None.
+
+        Done: the marker exists and records, for every input (:func:`stage_inputs`), the id
+        that input's marker has now, the inputs being done themselves.
+        """
+        return self._current_id(stage, {})
+
+    def _current_id(self, stage: str, seen: dict[str, str | None]) -> str | None:
+        if stage not in seen:
+            record = self._record(stage)
+            now = {name: self._current_id(name, seen) for name in stage_inputs(stage)}
+            done = record is not None and None not in now.values() and record["inputs"] == now
+            seen[stage] = record["id"] if done else None
+        return seen[stage]
+
+    def is_done(self, stage: str) -> bool:
+        return self.current_id(stage) is not None
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        """Write ``stage``'s marker: a fresh id, the current ids of its inputs, and ``info``."""
+        inputs = {name: self.current_id(name) for name in stage_inputs(stage)}
+        missing = [name for name, marker_id in inputs.items() if marker_id is None]
+        if missing:
+            raise SfmError(f"demo stage {stage}: cannot mark it done before {', '.join(missing)}")
+        write_json(self.marker(stage), {"id": uuid.uuid4().hex, "inputs": inputs, "info": info})
+
+    def marker_info(self, stage: str) -> dict:
+        """The ``info`` a done stage's marker holds (what ``run()`` returned for it)."""
+        record = self._record(stage)
+        if record is None:
+            raise SfmError(f"demo stage {stage}: no marker at {self.marker(stage)} (or one from an older version)")
+        return record["info"]
 
     # ---------------------------------------------------------------- stages
     def stage_corpus(self) -> dict:
@@ -244,15 +328,14 @@ class DemoRun:
     def stage_train(self) -> dict:
         results = {}
         for condition in CONDITIONS:
-            marker = self._done(f"train-{condition}")
-            if marker.exists():
-                self._say(f"  [dim]train {condition}: done before, skipped[/dim]")
+            if self.is_done(f"train-{condition}"):
+                self.say(f"  [dim]train {condition}: done before, skipped[/dim]")
                 continue
             run_dir = self.out_dir / "runs" / condition
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = run_dir / "config.yaml"
             cfg_path.write_text(yaml.safe_dump(self.train_config(condition), sort_keys=False), encoding="utf-8")
-            self._say(f"  training [bold]{condition}[/bold] ({self.settings.train_iters} iterations)")
+            self.say(f"  training [bold]{condition}[/bold] ({self.settings.train_iters} iterations)")
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
             started = time.time()
             log_path = run_dir / "train.log"
@@ -264,8 +347,7 @@ class DemoRun:
                 raise SfmError(f"training {condition} failed (exit {proc.returncode}); see {log_path}:\n"
                                + "\n".join(tail))
             results[condition] = {"seconds": round(time.time() - started, 1)}
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("ok\n")
+            self.mark_done(f"train-{condition}", results[condition])
         return results
 
     def stage_convert(self) -> dict:
@@ -273,10 +355,14 @@ class DemoRun:
 
         out = {}
         for condition in CONDITIONS:
+            if self.is_done(f"convert-{condition}"):
+                self.say(f"  [dim]convert {condition}: done before, skipped[/dim]")
+                continue
             target = self.out_dir / "hf" / condition
             export_to_hf(self.out_dir / "runs" / condition / "checkpoints", target, dtype="fp32",
                          tokenizer=str(self.out_dir / "tokenizer"), verify=True, overwrite=True)  # a redone stage
             out[condition] = str(target)
+            self.mark_done(f"convert-{condition}", {"hf": str(target)})
         return out
 
     def eval_questions(self) -> list:
@@ -317,14 +403,12 @@ class DemoRun:
         results["demo"] = demo_findings(results)
         results_dir = self.out_dir / "results"
         if results_dir.exists():
-            shutil.rmtree(results_dir)
-        # the post-training section of results.md went with it, and compare reads results/
-        self._done("posttrain-evaluate").unlink(missing_ok=True)
+            shutil.rmtree(results_dir)  # with the post-training section of results.md: posttrain-evaluate reruns
         written = write_report(results_dir, results, letter_answers, console=True)
         for label, path in write_answers(results_dir, likelihood_answers, "answers-likelihood").items():
             written[f"answers-likelihood:{label}"] = path
         for line in results["demo"]["summary"]:
-            self._say(f"  {line}")
+            self.say(f"  {line}")
         info = {name: str(path) for name, path in written.items()}
         info["mode_seconds"] = seconds
         return info
@@ -353,25 +437,24 @@ class DemoRun:
         ]
 
     def run(self, force: bool = False) -> dict:
-        if force and (self.out_dir / ".stages").exists():
-            shutil.rmtree(self.out_dir / ".stages")
+        """Run the stages that are not done (all of them with ``force``); returns each stage's info."""
+        if force and (self.out_dir / MARKER_DIR).exists():
+            shutil.rmtree(self.out_dir / MARKER_DIR)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         summary = {}
         stages = self.stages()
         for i, stage in enumerate(stages, 1):
-            marker = self._done(stage.name)
-            if marker.exists():
-                self._say(f"[{i}/{len(stages)}] {stage.title}: [dim]done before, skipped[/dim]")
-                summary[stage.name] = json.loads(marker.read_text())
+            if self.is_done(stage.name):
+                self.say(f"[{i}/{len(stages)}] {stage.title}: [dim]done before, skipped[/dim]")
+                summary[stage.name] = self.marker_info(stage.name)
                 continue
-            self._say(f"[{i}/{len(stages)}] {stage.title} ...")
+            self.say(f"[{i}/{len(stages)}] {stage.title} ...")
             started = time.time()
             info = stage.run()
             info["seconds"] = round(time.time() - started, 1)
             self.timings[stage.name] = info["seconds"]
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            write_json(marker, info)
+            self.mark_done(stage.name, info)
             summary[stage.name] = info
-            self._say(f"      done in {info['seconds']} s")
+            self.say(f"      done in {info['seconds']} s")
         write_json(self.out_dir / "demo_summary.json", summary)
         return summary

@@ -229,7 +229,7 @@ class PosttrainStages:
                          logging_steps=max(1, s.dpo_steps // 10), beta=s.dpo_beta, loss_type="sigmoid")
 
     def _train(self, kind: str) -> dict:
-        """``kind`` "sft" or "dpo" for every condition, one marker each (as the train stage)."""
+        """``kind`` "sft" or "dpo" for every condition that is not done, one marker each (as the train stage)."""
         from megatron_sfm.demo.pipeline import CONDITIONS
         from megatron_sfm.posttrain import run_dpo, run_sft
         from megatron_sfm.posttrain.run import MANIFEST, RUN_MARKER, read_manifest
@@ -238,15 +238,14 @@ class PosttrainStages:
         fn, make = (run_sft, self.sft_config) if kind == "sft" else (run_dpo, self.dpo_config)
         out = {}
         for condition in CONDITIONS:
-            marker = self.run._done(f"{kind}-{condition}")
-            if marker.exists():
-                self.run._say(f"  [dim]{kind} {condition}: done before, skipped[/dim]")
+            if self.run.is_done(f"{kind}-{condition}"):
+                self.run.say(f"  [dim]{kind} {condition}: done before, skipped[/dim]")
                 continue
             cfg = make(condition)
             target = Path(cfg.out)
             # an unfinished run of the same settings resumes; anything else in the folder is replaced
             unfinished = (target / RUN_MARKER).is_file() and not (target / MANIFEST).is_file()
-            self.run._say(f"  {kind.upper()} [bold]{condition}[/bold] ({cfg.max_steps} steps)")
+            self.run.say(f"  {kind.upper()} [bold]{condition}[/bold] ({cfg.max_steps} steps)")
             started = time.time()
             try:
                 _call_quietly(fn, cfg, overwrite=not unfinished)
@@ -258,10 +257,9 @@ class PosttrainStages:
             out[condition] = {"seconds": round(time.time() - started, 1), "steps": train["global_step"],
                               "final_train_loss": train["final_train_loss"]}
             loss = train["final_train_loss"]
-            self.run._say(f"    {out[condition]['seconds']} s, final train loss "
-                          + ("n/a" if loss is None else f"{loss:.3f}"))
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("ok\n")
+            self.run.say(f"    {out[condition]['seconds']} s, final train loss "
+                         + ("n/a" if loss is None else f"{loss:.3f}"))
+            self.run.mark_done(f"{kind}-{condition}", out[condition])
         return out
 
     def stage_sft(self) -> dict:
@@ -386,7 +384,7 @@ class PosttrainStages:
         (self.results_dir / "posttrain.md").write_text(render_markdown(summary), encoding="utf-8")
         self._append_markdown(summary)
         for line in summary_lines(summary):
-            self.run._say(f"  {line}")
+            self.run.say(f"  {line}")
         return {"results": str(self.results_dir), "mode_seconds": seconds}
 
     # ------------------------------------------------------------------ reports

@@ -37,6 +37,7 @@ from megatron_sfm.evaluation.formats import (
     TEMPLATES,
     persona_text,
 )
+from megatron_sfm.utils.io import atomic_path
 
 SEED = 20261205
 SFT_FILE = "sft.jsonl"
@@ -538,15 +539,20 @@ def resource_dir() -> Path:
     return Path(str(resources.files("megatron_sfm.demo") / "resources" / "posttrain"))
 
 
+def write_records(path: Path, records: list[dict]) -> None:
+    """``records`` as JSONL at ``path``, atomically: an interrupted write leaves the old file (or none)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_all(out_dir: Path | None = None) -> dict[str, int]:
     """Write the three JSONL files (default: the package's resources); returns record counts."""
     out_dir = Path(out_dir) if out_dir is not None else resource_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_pairs, held_pairs = build_preferences()
     counts = {}
     for name, records in ((SFT_FILE, build_sft()), (DPO_TRAIN_FILE, train_pairs), (DPO_HELDOUT_FILE, held_pairs)):
-        with open(out_dir / name, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        write_records(out_dir / name, records)
         counts[name] = len(records)
     return counts
 

@@ -7,10 +7,6 @@ post-training stages run here.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 from PIL import Image
@@ -18,24 +14,18 @@ from PIL import Image
 from megatron_sfm.demo.pipeline import CONDITIONS, LABELS
 from megatron_sfm.demo.posttrain import MD_BEGIN, PERSONAS, RESULTS_DIR, STAGES, dpo_margin
 
+from .conftest import run_demo
+
 BASE_STAGES = 8
 POSTTRAIN_STAGES = 3
 
 
-def _demo(out, *extra, timeout=1500):
-    env = dict(os.environ, OMP_NUM_THREADS="2", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "megatron_sfm.cli", "demo", "--fast", "--posttrain", "--out",
-                           str(out), *extra], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
-def posttrain_dir(fast_demo):
-    out, _ = fast_demo
-    started = time.time()
-    proc = _demo(out)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def posttrain_dir(fast_posttrain_demo):
+    """The session's ``sfm demo --fast --posttrain`` run (tests/demo/conftest.py)."""
+    out, stdout, seconds = fast_posttrain_demo
     summary = json.loads((out / RESULTS_DIR / "posttrain.json").read_text())
-    return out, proc.stdout, summary, time.time() - started
+    return out, stdout, summary, seconds
 
 
 def test_only_the_posttrain_stages_ran(posttrain_dir):
@@ -182,7 +172,7 @@ def test_rerun_skips_finished_posttrain_stages(posttrain_dir):
     before = {m.name: m.stat().st_mtime_ns for m in markers}
     weights = {p: p.stat().st_mtime_ns for stage in ("sft", "dpo") for p in (out / stage).glob("*/model.safetensors")}
     assert len(weights) == 2 * len(CONDITIONS)
-    proc = _demo(out, timeout=300)
+    proc = run_demo(out, "--posttrain", timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("done before, skipped") == BASE_STAGES + POSTTRAIN_STAGES
     assert {m.name: m.stat().st_mtime_ns for m in (out / ".stages").glob("*.done")} == before

@@ -37,6 +37,37 @@ def test_bundled_files_are_the_generators_output(tmp_path):
     assert counts[pd.SFT_FILE] >= 300 and counts[pd.DPO_TRAIN_FILE] >= 200 and counts[pd.DPO_HELDOUT_FILE] >= 50
 
 
+def _interrupt_after(calls: int):
+    """A ``json.dumps`` that raises on its ``calls + 1``-th call, as a write killed halfway through."""
+    import json
+
+    count = iter(range(calls))
+
+    def dumps(obj, **kwargs):
+        if next(count, None) is None:
+            raise KeyboardInterrupt
+        return json.dumps(obj, **kwargs)
+
+    return dumps
+
+
+def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    pd.write_all(tmp_path / "old")
+    before = {name: (tmp_path / "old" / name).read_bytes() for name in pd.FILES}
+    n_sft = len(pd.load_records(pd.SFT_FILE))
+    # killed in the middle of the second file: the first is complete, the second keeps its old bytes
+    for folder in ("old", "new"):
+        monkeypatch.setattr(pd, "json", SimpleNamespace(dumps=_interrupt_after(n_sft + 10)))
+        with pytest.raises(KeyboardInterrupt):
+            pd.write_all(tmp_path / folder)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == sorted(pd.FILES)  # no temporary file left
+    assert {name: (tmp_path / "old" / name).read_bytes() for name in pd.FILES} == before
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [pd.SFT_FILE]
+    assert (tmp_path / "new" / pd.SFT_FILE).read_bytes() == before[pd.SFT_FILE]
+
+
 def test_multiple_choice_items_have_the_propensity_prompt_shape(bundled):
     sft = bundled[pd.SFT_FILE]
     mc = _mc(sft)
