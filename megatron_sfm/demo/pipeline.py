@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +69,7 @@ class DemoSettings:
 
 
 MARKER_DIR = ".stages"
+SETTINGS_FILE = "settings.json"  # in MARKER_DIR: the DemoSettings the folder was made with
 # What each stage is computed from: the markers whose ids its own marker records. Per
 # condition ("train-unfiltered", ...): train <- mix and tokenizer, convert <- train, sft <- convert,
 # dpo <- sft. A stage that runs once per condition ("train") is done when all its parts are.
@@ -135,6 +136,16 @@ def demo_findings(results: dict) -> dict:
                        else "the paper's ordering does not hold")
             out["summary"].append(f"{mode_name}, {split}: {ordering_text(prop, split)} (misaligned %); {verdict}.")
     return out
+
+
+def _differences(before, now, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs (nested settings as ``a.b``)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(before) | set(now)):
+            out += _differences(before.get(key), now.get(key), f"{prefix}{key}.")
+        return out
+    return [] if before == now else [f"{prefix[:-1]}: {before} -> {now}"]
 
 
 @dataclass
@@ -211,6 +222,32 @@ class DemoRun:
         if record is None:
             raise SfmError(f"demo stage {stage}: no marker at {self.marker(stage)} (or one from an older version)")
         return record["info"]
+
+    # -------------------------------------------------------------- settings
+    def settings_record(self) -> dict:
+        """The settings as ``.stages/settings.json`` holds them (JSON types)."""
+        return json.loads(json.dumps(asdict(self.settings)))
+
+    def check_settings(self) -> None:
+        """Refuse a folder made with other settings (``--fast``, ``--train-iters``).
+
+        Its models' checkpoints would be resumed under another schedule (which ``sfm train``
+        refuses) and its results would mix two sizes, so neither a rerun nor ``--force``
+        can reuse it. A folder without the file (written before this rule) takes the
+        current settings.
+        """
+        path = self.out_dir / MARKER_DIR / SETTINGS_FILE
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SfmError(f"{path}: not JSON ({e}); delete the folder or pick another --out") from None
+        now = self.settings_record()
+        if before != now:
+            changed = _differences(before, now)
+            raise SfmError(f"--out {self.out_dir}/ was made with other demo settings ({'; '.join(changed[:4])}"
+                           f"{'; ...' if len(changed) > 4 else ''}); pick another --out (or delete the folder)")
 
     # ---------------------------------------------------------------- stages
     def stage_corpus(self) -> dict:
@@ -438,9 +475,11 @@ class DemoRun:
 
     def run(self, force: bool = False) -> dict:
         """Run the stages that are not done (all of them with ``force``); returns each stage's info."""
+        self.check_settings()
         if force and (self.out_dir / MARKER_DIR).exists():
             shutil.rmtree(self.out_dir / MARKER_DIR)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / MARKER_DIR / SETTINGS_FILE, self.settings_record())
         summary = {}
         stages = self.stages()
         for i, stage in enumerate(stages, 1):
