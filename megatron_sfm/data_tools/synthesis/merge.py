@@ -9,10 +9,11 @@ first copy is the one kept. Shingles are hashed with CRC-32 (not Python's salted
 and the permutations are fixed, so a rerun makes the same decisions and writes the same
 bytes.
 
-Documents stream through one at a time; what stays in memory is the index (the MinHash
-bands and a 16-byte digest per kept document) and one flag per line of the current
-shard. ``out`` is built in a temporary sibling and renamed into place. A shard from
-which nothing is dropped is hard-linked (copied where links fail), not rewritten.
+Documents stream through one at a time; what stays in memory is the index (a 64-bit key
+per MinHash band and the 16-byte digest of each kept document, in compact tables: about
+100-210 bytes per kept document) and one flag per line of the current shard. ``out`` is
+built in a temporary sibling and renamed into place. A shard from which nothing is
+dropped is hard-linked (copied where links fail), not rewritten.
 """
 
 from __future__ import annotations
