@@ -297,6 +297,16 @@ def verify_checkpoint(folder: str | os.PathLike, *, checksums: bool = True,
     return read_train_state(folder)
 
 
+def checksums_verified(folder: str | os.PathLike, *, checksums: bool = True) -> bool:
+    """Whether :func:`verify_files` with ``checksums`` compares the content of every file
+    ``manifest.json`` lists: False when ``checksums`` is false or the manifest holds
+    sizes only for any file (format 1, written before checksums existed). Says what a
+    successful check covered; it checks nothing itself."""
+    if not checksums:
+        return False
+    return all(entry["checksum"] is not None for entry in read_manifest(folder).values())
+
+
 # --------------------------------------------------------------------------- train state, config
 
 def make_train_state(*, iteration: int, consumed_train_samples: int, consumed_valid_samples: int = 0,

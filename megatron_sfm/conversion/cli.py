@@ -80,7 +80,7 @@ def _dir_bytes(path) -> int:
 def cmd_to_hf(args) -> int:
     import json
 
-    from megatron_sfm.conversion.exporter import export_to_hf
+    from megatron_sfm.conversion.exporter import EXPORT_RECORD, export_to_hf
 
     start = time.perf_counter()
     out = export_to_hf(args.ckpt_dir, args.out, iteration=args.iteration, dtype=args.dtype,
@@ -88,8 +88,11 @@ def cmd_to_hf(args) -> int:
                        verify_tolerance=args.tolerance, progress=True, overwrite=args.overwrite,
                        verify_checksums=args.verify_checksums)
     elapsed = time.perf_counter() - start
-    info = json.loads((out / "sfm_export.json").read_text())
+    info = json.loads((out / EXPORT_RECORD).read_text())
+    checked = ("yes" if info["checksums_verified"] else
+               "no (--no-verify-checksums)" if not args.verify_checksums else "no (the manifest holds sizes only)")
     rows = [("output", str(out)), ("source", info["source"]), ("iteration", str(info["iteration"])),
+            ("checksums verified", checked),
             ("dtype", args.dtype), ("padded vocab / tokenizer", f"{info['padded_vocab_size']} / {info['tokenizer_vocab_size']}"),
             ("safetensors files", str(len(list(out.glob("*.safetensors"))))),
             ("size", f"{_dir_bytes(out) / 1e9:.3f} GB"), ("time", f"{elapsed:.1f} s"),

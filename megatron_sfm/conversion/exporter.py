@@ -24,6 +24,7 @@ from megatron_sfm.errors import SfmError
 log = logging.getLogger(__name__)
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_RECORD = "sfm_export.json"  # what the export was made from, and how it was checked (docs/conversion.md)
 _LAYER_PREFIX = "decoder.layers."
 
 
@@ -137,8 +138,9 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
     tolerance (see :mod:`megatron_sfm.conversion.verify`). The folder is written
     atomically; a non-empty ``out_dir`` is an error unless ``overwrite``, which replaces it
     (atomically, once the export succeeded). The checkpoint folder is verified first
-    (manifest, sizes, and content checksums unless ``verify_checksums`` is false). Returns
-    ``out_dir``.
+    (manifest, sizes, and content checksums unless ``verify_checksums`` is false);
+    ``sfm_export.json`` records ``checksums_verified`` (:func:`read_export_checksums`).
+    Returns ``out_dir``.
     """
     from megatron_sfm import checkpoint_format as fmt
     from megatron_sfm.conversion.dcp_reader import DCPReader
@@ -156,6 +158,7 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
     out_dir = Path(out_dir)
     iter_dir = fmt.resolve_checkpoint(ckpt_dir, iteration)
     train_state = fmt.verify_checkpoint(iter_dir, checksums=verify_checksums)
+    checksums_verified = fmt.checksums_verified(iter_dir, checksums=verify_checksums)
     run = fmt.read_run_config(iter_dir)
     model = run.model
     tok_path = _resolve_tokenizer(tokenizer, run)
@@ -196,8 +199,9 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
             _write_json(tmp / "generation_config.json", GPTNeoXAdapter.generation_config(bos, eos))
             if tok is not None:
                 tok.save_pretrained(str(tmp))
-            _write_json(tmp / "sfm_export.json", {
+            _write_json(tmp / EXPORT_RECORD, {
                 "source": str(Path(iter_dir).resolve()), "iteration": train_state["iteration"],
+                "checksums_verified": checksums_verified,
                 "dtype": dtype, "padded_vocab_size": padded, "tokenizer_vocab_size": tok_size,
                 "saved_layout": {"tensor_model_parallel_size": tp_saved,
                                  "pipeline_model_parallel_size": run.parallel.pipeline_model_parallel_size}})
@@ -207,6 +211,23 @@ def export_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, iterat
                 result = verify_export(iter_dir, tmp, dtype=dtype, tolerance=verify_tolerance)
                 _write_json(tmp / "sfm_verify.json", result)
     return out_dir
+
+
+def read_export_checksums(hf_dir: str | os.PathLike) -> bool | None:
+    """``checksums_verified`` of the ``sfm_export.json`` in ``hf_dir`` (an ``sfm convert
+    to-hf`` folder): True when every checkpoint file's content was hashed and matched its
+    manifest during the export, False when hashing was skipped (``--no-verify-checksums``)
+    or the manifest held sizes only, None (unknown) for an export written before the field
+    existed. A missing or unreadable file, or another value, is an :class:`SfmError`
+    naming the file and key."""
+    from megatron_sfm.utils.readers import read_json
+
+    path = Path(hf_dir) / EXPORT_RECORD
+    data = read_json(path)
+    value = data.get("checksums_verified")
+    if value is not None and not isinstance(value, bool):
+        raise SfmError(f"{path}: checksums_verified: expected true, false or null, got {value!r}")
+    return value
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -144,7 +144,9 @@ def run_capabilities(model_arg: str, tasks: Sequence[str], tokenizer_path: str |
 
     ``tokenizer_path``: tokenizer folder handed to the on-the-fly export of a checkpoint.
     ``verify_checksums=False``: a checkpoint is loaded without hashing its files; the
-    section then records ``checksums_verified: false``.
+    section then records ``checksums_verified: false``. An ``sfm convert to-hf`` folder's
+    section records what its sfm_export.json says, an ``sfm posttrain`` output's what its
+    posttrain.json says, each with ``checksums_source`` (``checkpoint_record``).
     """
     from megatron_sfm.evaluation.models import (
         checkpoint_record,
@@ -156,7 +158,8 @@ def run_capabilities(model_arg: str, tasks: Sequence[str], tokenizer_path: str |
         raise SfmError("--tasks: no task named")
     (spec,) = parse_model_specs([model_arg])
     with hf_folder_for(spec.path, tokenizer_path, verify_checksums=verify_checksums) as folder:
+        record = checkpoint_record(spec.path, verify_checksums)  # before lm-eval runs
         section = evaluate_hf_folder(folder, tasks, **kwargs)
     section["path"] = str(spec.path)
-    section.update(checkpoint_record(spec.path, verify_checksums))
+    section.update(record)
     return spec.label, section

@@ -11,6 +11,11 @@ cells copied unchanged), ``results.md`` (per split: condition x topic rows, one 
 stage, its mode and persona in the header; non-match rates per run and split) and
 ``compare.png`` (one panel per condition and split, one bar per stage). Runs excluded by
 the non-match rule stay excluded here: marked in every table, never drawn as a rate.
+
+Checksums: each input model's ``checksums_verified`` (as its stage report recorded it;
+unknown when the report has none) is carried into its cell, and ``checksums`` sums them
+up: a comparison resting on any unverified weights says so in results.json and in a line
+at the top of results.md.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from megatron_sfm.evaluation.propensity import (
     section_personas,
 )
 from megatron_sfm.evaluation.report import (
+    CHECKSUMS_TEXT,
     PROPENSITY_SECTIONS,
     RESULTS_JSON,
     RESULTS_MD,
@@ -154,14 +160,27 @@ def _pick_persona(spec: StageSpec, prop: dict[str, Any], persona: str | None) ->
     raise SfmError(f"{where}: {mode}-mode report holds personas {', '.join(personas)}; pick one with --persona")
 
 
+def _checksums_of(spec: StageSpec, prop: dict[str, Any], label: str) -> bool | None:
+    """The model entry's ``checksums_verified``: True/False as recorded (for an ``sfm
+    posttrain`` output, its chain's export's), None (unknown) when null or absent (a Hugging
+    Face folder with nothing recorded, or a report written before the field existed)."""
+    value = prop["models"][label].get("checksums_verified")
+    if value is not None and not isinstance(value, bool):
+        raise SfmError(f"{spec.text}: {RESULTS_JSON}: {section_for_mode(prop['mode'])}: models[{label!r}]: "
+                       f"checksums_verified: expected true, false or null, got {value!r}")
+    return value
+
+
 def load_stage(spec: StageSpec, persona: str | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Read one stage folder: (stage metadata, condition label -> run), for the persona
-    :func:`compare_stages` describes. Raises :class:`SfmError` (one line) for a folder that
-    is not an eval report or lacks the mode or persona asked for."""
+    :func:`compare_stages` describes; each run also holds its model's ``checksums_verified``
+    (None: unknown). Raises :class:`SfmError` (one line) for a folder that is not an eval
+    report or lacks the mode or persona asked for."""
     data = _read_report(spec)
     prop = _pick_section(spec, data)
     chosen = _pick_persona(spec, prop, persona)
-    runs = {label: run for label, _, run in iter_runs(prop, chosen)}
+    runs = {label: {**run, "checksums_verified": _checksums_of(spec, prop, label)}
+            for label, _, run in iter_runs(prop, chosen)}
     meta = {
         "dir": str(spec.folder),
         "section": section_for_mode(prop["mode"]),
@@ -189,8 +208,12 @@ def compare_stages(stages, *, persona: str | None = None) -> dict[str, Any]:
     likelihood stages keep the persona they were run with.
 
     Returns ``{"kind": "sfm-eval-compare", "version": 1, "persona", "stages": {stage: meta},
-    "conditions": {label: {stage: {"path", "non_match_rate", "excluded", "splits"}}}, "notes"}``;
-    ``splits`` are the source report's cells, unchanged.
+    "checksums": {"verified", "not_verified", "unknown"}, "conditions": {label: {stage:
+    {"path", "checksums_verified", "non_match_rate", "excluded", "splits"}}}, "notes"}``;
+    ``splits`` are the source report's cells, unchanged. ``checksums.verified`` is True
+    when every input model's checksums were verified, False when any was not, else None
+    (some unknown); the two lists name the inputs (stage, condition, path) not verified
+    and unknown.
     """
     specs = _as_specs(stages)
     if persona is not None:
@@ -221,14 +244,52 @@ def compare_stages(stages, *, persona: str | None = None) -> dict[str, Any]:
         "version": 1,
         "persona": persona,
         "stages": stages_meta,
+        "checksums": _checksums_summary(loaded, conditions),
         "conditions": {
-            c: {spec.stage: {"path": runs[c].get("path"), "non_match_rate": runs[c].get("non_match_rate"),
+            c: {spec.stage: {"path": runs[c].get("path"), "checksums_verified": runs[c]["checksums_verified"],
+                             "non_match_rate": runs[c].get("non_match_rate"),
                              "excluded": bool(runs[c].get("excluded")), "splits": runs[c]["splits"]}
                 for spec, _, runs in loaded}
             for c in conditions
         },
         "notes": notes,
     }
+
+
+def _checksums_summary(loaded, conditions: list[str]) -> dict[str, Any]:
+    inputs = [{"stage": spec.stage, "condition": c, "path": runs[c].get("path"),
+               "verified": runs[c]["checksums_verified"]} for spec, _, runs in loaded for c in conditions]
+    not_verified = [{k: v for k, v in i.items() if k != "verified"} for i in inputs if i["verified"] is False]
+    unknown = [{k: v for k, v in i.items() if k != "verified"} for i in inputs if i["verified"] is None]
+    return {"verified": False if not_verified else None if unknown else True,
+            "not_verified": not_verified, "unknown": unknown}
+
+
+def checksums_lines(report: dict[str, Any]) -> list[str]:
+    """The results.md lines on the inputs' checksums (a report without ``checksums``, written
+    before it existed, gets none)."""
+    summary = report.get("checksums")
+    if not summary:
+        return []
+    total = sum(len(per_stage) for per_stage in report["conditions"].values())
+
+    def names(inputs: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{i['stage']}/{i['condition']} (`{i['path']}`)" for i in inputs)
+
+    lines = []
+    if summary["not_verified"]:
+        lines += [(f"**Checksums not verified** for {len(summary['not_verified'])} of {total} input models: "
+                   f"{names(summary['not_verified'])}. Their weights were read from a checkpoint without comparing "
+                   "its files' content checksums with its manifest (`--no-verify-checksums` when evaluated or "
+                   "exported, or a manifest with sizes only), so changed bytes would have gone unnoticed."), ""]
+    if summary["unknown"]:
+        lines += [(f"Checksum verification unknown for {len(summary['unknown'])} of {total} input models: "
+                   f"{names(summary['unknown'])} (nothing recorded: a Hugging Face folder not written by "
+                   "`sfm convert to-hf` or post-trained from one, or an export, post-training or report made "
+                   "before verification was recorded)."), ""]
+    if summary["verified"] is True:
+        lines += [f"Checkpoint checksums verified for all {total} input models.", ""]
+    return lines
 
 
 # --- rendering ----------------------------------------------------------------------
@@ -260,6 +321,7 @@ def render_comparison_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {stage} | `{m['dir']}` | {m['mode']}: {mode} | {m['persona']} | {len(m['formats'])} | "
                      f"{m['n_questions']} (`{m['questions_file']}`) |")
     lines.append("")
+    lines += checksums_lines(report)
     for note in report.get("notes", []):
         lines += [f"Note: {note}", ""]
     headings = [stage_heading(s, m) for s, m in stages.items()]
@@ -288,6 +350,15 @@ def render_comparison_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {condition} | {stage} | {m['mode']} | {m['persona']} | "
                          f"{non_match_text(run.get('non_match_rate'))} | {per_split}"
                          f"{'yes (>= 20% non-match)' if run.get('excluded') else 'no'} |")
+    lines += ["", "## Input models", "",
+              ("Checksums: whether the model's weights were checked against its checkpoint's content checksums, "
+               "as its stage report recorded it (`verified`, `not verified`, or `unknown` when nothing was "
+               "recorded)."), "",
+              "| condition | stage | path | checksums |", "| --- | --- | --- | --- |"]
+    for condition, per_stage in report["conditions"].items():
+        for stage, run in per_stage.items():
+            lines.append(f"| {condition} | {stage} | `{run.get('path')}` | "
+                         f"{CHECKSUMS_TEXT[run.get('checksums_verified')]} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -332,7 +403,12 @@ def print_comparison(report: dict[str, Any]) -> None:
     for condition, per_stage in report["conditions"].items():
         for split in _splits(report):
             table.add_row(condition, split, *(cell_text(per_stage[s], split, "all") for s in stages))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    unverified = (report.get("checksums") or {}).get("not_verified")
+    if unverified:
+        console.print("checksums not verified for: " + ", ".join(f"{i['stage']}/{i['condition']}" for i in unverified),
+                      markup=False)
 
 
 def _check_not_an_input(out: Path, report: dict[str, Any]) -> None:

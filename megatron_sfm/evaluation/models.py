@@ -10,7 +10,12 @@ A model argument is ``PATH`` or ``LABEL=PATH``. ``PATH`` is either
   ``sfm convert to-hf CKPT --out DIR``: the checkpoint's manifest and file sizes are
   verified first, and its content checksums unless ``verify_checksums=False``, the
   ``--no-verify-checksums`` of ``sfm eval``) and deleted after the evaluation.
-  :func:`checkpoint_record` says what was verified, for results.json.
+
+:func:`checkpoint_record` says what was verified, for results.json: for a checkpoint,
+whether this load hashed its files; for a folder written by ``sfm convert to-hf``, what
+its ``sfm_export.json`` recorded about the export's own check; for an ``sfm posttrain``
+output, what its ``posttrain.json`` recorded about its source (the export the SFT -> DPO
+chain started from).
 
 Precision: bf16 on a GPU, fp32 on CPU (``dtype`` overrides).
 """
@@ -62,24 +67,53 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def checkpoint_record(path: str | os.PathLike, verify_checksums: bool = True) -> dict[str, bool]:
-    """What results.json records about how a model's weights were checked.
+CHECKSUMS_SOURCES = ("eval", "export", "posttrain")  # values of a model entry's checksums_source
 
-    ``{}`` for a Hugging Face folder (nothing to verify). For a Megatron checkpoint
-    ``{"checksums_verified": bool}``: True when the content of every file was hashed and
-    compared with the manifest (call it after :func:`hf_folder_for` succeeded), False when
-    hashing was skipped (``verify_checksums=False``) or the manifest holds sizes only (a
-    checkpoint written before checksums existed).
+
+def checkpoint_record(path: str | os.PathLike, verify_checksums: bool = True) -> dict[str, bool | str | None]:
+    """What results.json records about how a model's weights were checked:
+    ``checksums_verified`` and ``checksums_source``, where that was decided.
+
+    - Megatron checkpoint: ``checksums_verified`` True when the content of every file was
+      hashed and compared with the manifest on this load (call it once
+      :func:`hf_folder_for` yielded), False when hashing was skipped
+      (``verify_checksums=False``) or the manifest holds sizes only (a checkpoint written
+      before checksums existed); source ``"eval"``.
+    - Hugging Face folder written by ``sfm convert to-hf`` (it has ``sfm_export.json``): as
+      that file records it for the export (True, False, or None: unknown, an export made
+      before the file recorded it); source ``"export"``.
+    - ``sfm posttrain`` output (it has ``posttrain.json``): as that file records it for the
+      run's source model, i.e. the export its SFT -> DPO chain started from (None: unknown,
+      a source with no record, or a posttrain.json older than the field); source
+      ``"posttrain"``.
+    - Any other Hugging Face folder: ``{}`` (no checkpoint, nothing was verified or recorded).
+
+    ``verify_checksums`` plays no part for a Hugging Face folder: its weights were read from
+    the checkpoint when it was exported. The rule for Hugging Face folders is
+    :func:`megatron_sfm.posttrain.run.recorded_checksums`, the one ``sfm posttrain`` uses.
     """
     p = Path(path)
-    if is_hf_folder(p) or not is_megatron_checkpoint(p):
+    if is_hf_folder(p):
+        return folder_record(p)
+    if not is_megatron_checkpoint(p):
         return {}
-    if not verify_checksums:
-        return {"checksums_verified": False}
     from megatron_sfm import checkpoint_format as fmt
 
-    manifest = fmt.read_manifest(fmt.resolve_checkpoint(p))
-    return {"checksums_verified": all(entry["checksum"] is not None for entry in manifest.values())}
+    return {"checksums_verified": fmt.checksums_verified(fmt.resolve_checkpoint(p), checksums=verify_checksums),
+            "checksums_source": "eval"}
+
+
+def folder_record(folder: str | os.PathLike) -> dict[str, bool | str | None]:
+    """``{"checksums_verified": True/False/None, "checksums_source": "export"|"posttrain"}``
+    from the ``sfm_export.json`` or ``posttrain.json`` of a Hugging Face folder; ``{}`` for
+    a folder with neither. A malformed record is an :class:`SfmError` naming the file and
+    key (read before the model is loaded)."""
+    from megatron_sfm.posttrain.run import MANIFEST, recorded_checksums
+
+    value, record = recorded_checksums(folder)
+    if record is None:
+        return {}
+    return {"checksums_verified": value, "checksums_source": "posttrain" if record.name == MANIFEST else "export"}
 
 
 def _convert_megatron(ckpt: Path, out: Path, tokenizer: str | os.PathLike | None = None,

@@ -275,8 +275,10 @@ def run_propensity(
     ``results`` is the JSON document written as results.json (see docs/evaluation.md);
     its one section is ``results[section_for_mode(mode)]``. A label's answers hold every
     persona's, each :class:`Answer` naming its ``persona``. ``verify_checksums=False``:
-    Megatron checkpoints are loaded without hashing their files (sizes still checked); a
-    checkpoint's model entry records ``checksums_verified``
+    Megatron checkpoints are loaded without hashing their files (sizes still checked). A
+    checkpoint's model entry records ``checksums_verified``, and so does an ``sfm convert
+    to-hf`` folder's (from its sfm_export.json) and an ``sfm posttrain`` output's (from its
+    posttrain.json), with ``checksums_source``
     (:func:`~megatron_sfm.evaluation.models.checkpoint_record`).
     """
     from megatron_sfm.evaluation.models import (
@@ -334,6 +336,8 @@ def run_propensity(
     with progress:
         for spec in specs:
             with hf_folder_for(spec.path, tokenizer_path, verify_checksums=verify_checksums) as folder:
+                # after a checkpoint's conversion verified it; before any model is loaded
+                entry = {"path": str(spec.path), **checkpoint_record(spec.path, verify_checksums)}
                 model, tokenizer = load_hf_model(folder, device=device, dtype=dtype, tokenizer_path=tokenizer_path)
                 runs: dict[str, dict[str, Any]] = {}
                 answers: list[Answer] = []
@@ -346,7 +350,6 @@ def run_propensity(
                     answers += persona_answers
                 del model
                 _free_accelerator_memory()
-            entry = {"path": str(spec.path), **checkpoint_record(spec.path, verify_checksums)}
             if len(personas) == 1:  # the layout of single-persona reports: the run is the entry
                 body["models"][spec.label] = {**entry, **runs[personas[0]]}
             else:

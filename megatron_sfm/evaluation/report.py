@@ -241,9 +241,34 @@ def non_match_text(rate: float | None) -> str:
     return "n/a" if rate is None else f"{100 * rate:.1f}%"
 
 
+CHECKSUMS_TEXT = {True: "verified", False: "not verified", None: "unknown"}  # a checksums_verified value in words
+
+
+# where a model entry's checksums were not verified, by its checksums_source (None, from a
+# report written before checksums_source existed: not named)
+CHECKSUMS_NOT_VERIFIED_WHERE = {
+    "eval": "by this evaluation (its --no-verify-checksums, or a manifest with sizes only)",
+    "export": "when exported (sfm convert to-hf --no-verify-checksums, or a manifest with sizes only)",
+    "posttrain": ("when the model its post-training started from was exported (sfm convert to-hf "
+                  "--no-verify-checksums, or a manifest with sizes only; recorded in posttrain.json)"),
+    None: "",
+}
+CHECKSUMS_UNKNOWN_WHY = {
+    "export": "exported before sfm_export.json recorded them",
+    "posttrain": ("post-trained from a folder with no checksum record, or before posttrain.json recorded "
+                  "them"),
+}
+
+
 def unverified_note(entry: dict[str, Any]) -> str:
-    """" (checksums not verified)" for a checkpoint loaded without hashing its files, else ""."""
-    return " (checksums not verified)" if entry.get("checksums_verified") is False else ""
+    """" (checksums not verified)" for weights loaded without hashing the checkpoint's files
+    (on this load, when the ``sfm convert to-hf`` folder was exported, or when the source of
+    an ``sfm posttrain`` output was), " (checksums unknown)" for an export or post-training
+    output whose record is ``null``, else "" (verified, or a Hugging Face folder with
+    nothing recorded)."""
+    if "checksums_verified" not in entry or entry["checksums_verified"] is True:
+        return ""
+    return " (checksums not verified)" if entry["checksums_verified"] is False else " (checksums unknown)"
 
 
 def split_non_match(run: dict[str, Any], split: str) -> float | None:
@@ -347,12 +372,31 @@ def render_markdown(results: dict[str, Any]) -> str:
                     val = f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
                     lines.append(f"| {label} | {task} | {metric} | {val} | {se_text} |")
         lines.append("")
-        unverified = [label for label, entry in caps.items() if unverified_note(entry)]
-        if unverified:
-            lines += [f"Checkpoint checksums not verified (--no-verify-checksums) for: {', '.join(unverified)}.", ""]
+        lines += _checksums_notes(caps)
     if not prop and not caps:
         lines += ["No results.", ""]
     return "\n".join(lines)
+
+
+def _checksums_notes(caps: dict[str, Any]) -> list[str]:
+    """Lines naming the capabilities models whose checksums were not verified, or are
+    unknown, grouped by where that was decided (``checksums_source``)."""
+    not_verified: dict[str, list[str]] = {}
+    unknown: dict[str, list[str]] = {}
+    for label, entry in caps.items():
+        if "checksums_verified" not in entry or entry["checksums_verified"] is True:
+            continue
+        source = entry.get("checksums_source")
+        if entry["checksums_verified"] is False:
+            not_verified.setdefault(CHECKSUMS_NOT_VERIFIED_WHERE.get(source, ""), []).append(label)
+        else:
+            unknown.setdefault(CHECKSUMS_UNKNOWN_WHY.get(source or "export", "nothing recorded"), []).append(label)
+    lines = []
+    for where, labels in not_verified.items():
+        lines += [f"Checkpoint checksums not verified{' ' + where if where else ''} for: {', '.join(labels)}.", ""]
+    for why, labels in unknown.items():
+        lines += [f"Checkpoint checksums unknown ({why}) for: {', '.join(labels)}.", ""]
+    return lines
 
 
 def plot_propensity(props: dict[str, Any] | Sequence[dict[str, Any]], path: str | os.PathLike) -> None:

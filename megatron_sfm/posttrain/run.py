@@ -27,6 +27,11 @@ The final model is saved into ``out/.final.tmp/`` and its files are then renamed
 ``out`` one by one, ``posttrain.json`` last, so a folder without ``posttrain.json`` is
 never taken for a finished model (and a kill during the renames resumes from the last
 checkpoint, which trains no further steps and saves again).
+
+Checksum provenance: ``posttrain.json`` records in ``source_model`` whether the weights
+the source model came from were verified against their Megatron checkpoint's content
+checksums (:func:`recorded_checksums`: an export's ``sfm_export.json``, or for SFT -> DPO
+the SFT run's own record; null = unknown), so ``sfm eval`` can report it for the output.
 """
 
 from __future__ import annotations
@@ -184,7 +189,9 @@ def run_record(stage: str, cfg: SFTConfig | DPOConfig, data_stats, eval_stats) -
     return {"stage": stage, "config": config, "data": files(data_stats), "eval_data": files(eval_stats)}
 
 
-def _source_model(model_dir: Path) -> dict[str, Any]:
+def _source_model(model_dir: Path, checksums: dict[str, Any]) -> dict[str, Any]:
+    """``source_model`` of posttrain.json; ``checksums``: :func:`_source_checksums`, read
+    before the model was loaded."""
     from megatron_sfm.posttrain.data import file_digest
 
     info: dict[str, Any] = {"path": str(model_dir.resolve())}
@@ -193,7 +200,53 @@ def _source_model(model_dir: Path) -> dict[str, Any]:
     if (model_dir / MANIFEST).is_file():
         with contextlib.suppress(SfmError):
             info["posttrain_stage"] = read_manifest(model_dir).get("stage")
-    return info
+    return {**info, **checksums}
+
+
+def read_source_checksums(out: str | os.PathLike) -> bool | None:
+    """``source_model.checksums_verified`` of the ``posttrain.json`` in ``out`` (a finished
+    run): True/False as its run recorded it, None (unknown) when null or absent (its source
+    had no record, or the file was written before the field existed). An unreadable file,
+    or another value, is an :class:`SfmError` naming the file and key."""
+    path = Path(out) / MANIFEST
+    source = read_manifest(out).get("source_model")
+    if not isinstance(source, dict):
+        raise SfmError(f"{path}: source_model: expected a mapping, got {type(source).__name__}")
+    value = source.get("checksums_verified")
+    if value is not None and not isinstance(value, bool):
+        raise SfmError(f"{path}: source_model.checksums_verified: expected true, false or null, got {value!r}")
+    return value
+
+
+def recorded_checksums(model_dir: str | os.PathLike) -> tuple[bool | None, Path | None]:
+    """``(checksums_verified, the file it was read from)`` for a Hugging Face folder: whether
+    the Megatron checkpoint its weights come from had every file's content checksum verified
+    when it was read. One rule, for ``sfm posttrain`` and ``sfm eval``:
+
+    - an ``sfm posttrain`` output (it has ``posttrain.json``): that run's record of its own
+      source (:func:`read_source_checksums`), so SFT -> DPO carries the export's value;
+    - else an ``sfm convert to-hf`` folder (``sfm_export.json``): the export's record
+      (:func:`~megatron_sfm.conversion.exporter.read_export_checksums`);
+    - else ``(None, None)``: unknown (a Hub download, another tool's ``save_pretrained``).
+
+    True/False/None as recorded (None: unknown, a record older than the field). A malformed
+    record is an :class:`SfmError` naming the file and key.
+    """
+    folder = Path(model_dir)
+    if (folder / MANIFEST).exists():
+        return read_source_checksums(folder), folder / MANIFEST
+    from megatron_sfm.conversion.exporter import EXPORT_RECORD, read_export_checksums
+
+    if (folder / EXPORT_RECORD).exists():
+        return read_export_checksums(folder), folder / EXPORT_RECORD
+    return None, None
+
+
+def _source_checksums(model_dir: Path) -> dict[str, Any]:
+    """The source model's checksum provenance for posttrain.json (:func:`recorded_checksums`):
+    ``checksums_verified`` and ``checksums_record``, the file it was read from (null: none)."""
+    value, record = recorded_checksums(model_dir)
+    return {"checksums_verified": value, "checksums_record": None if record is None else str(record.resolve())}
 
 
 def _versions() -> dict[str, str]:
@@ -394,6 +447,7 @@ def _run(stage: str, cfg: SFTConfig | DPOConfig, progress: bool, overwrite: bool
     model_dir = _check_model_dir(cfg.model)
     out = Path(cfg.out)
     # every input is checked before a model is loaded or anything written
+    checksums = _source_checksums(model_dir)  # the source's checksum record; a malformed one is refused
     examples, data_stats = load_examples(cfg.data, stage, cfg.seed)
     eval_examples, eval_stats = load_examples(cfg.eval_data, stage, cfg.seed) if cfg.eval_data else (None, [])
     record = run_record(stage, cfg, data_stats, eval_stats)
@@ -455,7 +509,7 @@ def _run(stage: str, cfg: SFTConfig | DPOConfig, progress: bool, overwrite: bool
         "format": MANIFEST_FORMAT,
         "stage": stage,
         "config": record["config"],
-        "source_model": _source_model(model_dir),
+        "source_model": _source_model(model_dir, checksums),
         "data": record["data"],
         "eval_data": record["eval_data"],
         "chat_template": setup.as_dict(),
@@ -554,6 +608,7 @@ def print_summary(manifest: dict[str, Any], out: Path) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", manifest["source_model"]["path"])
+    table.add_row("source checksums", checksums_text(manifest["source_model"]))
     table.add_row("output", str(out))
     resumed = f" (resumed from {train['resumed_from']})" if train["resumed_from"] else ""
     table.add_row("steps", f"{train['global_step']} optimizer steps, epoch {train['epoch'] or 0:.2f}{resumed}")
@@ -575,3 +630,12 @@ def print_summary(manifest: dict[str, Any], out: Path) -> None:
     table.add_row("time", f"{train['session_seconds']:.0f} s this session")
     table.add_row("metrics", f"tensorboard --logdir {out / TENSORBOARD}")
     Console().print(table)
+
+
+def checksums_text(source: dict[str, Any]) -> str:
+    """The source model's checksum provenance in words, for the summary."""
+    value, record = source.get("checksums_verified"), source.get("checksums_record")
+    if record is None:
+        return "unknown (the model folder has no sfm_export.json or posttrain.json)"
+    words = {True: "verified", False: "not verified", None: "unknown (not recorded)"}[value]
+    return f"{words}, from {record}"

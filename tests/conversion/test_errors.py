@@ -113,9 +113,35 @@ def test_changed_bytes_inside_a_shard_are_refused(trained, tmp_path, capsys):
     # (nothing else notices them: this is what the checksum is for).
     assert sfm(["convert", "to-hf", str(ckpt), "--out", str(tmp_path / "hf"), "--no-verify-checksums"]) == 0
     assert sfm(["convert", "to-hf", str(trained["tp1pp1"]), "--out", str(tmp_path / "clean")]) == 0
+    # ... and each export says whether it verified them
+    assert json.loads((tmp_path / "hf" / "sfm_export.json").read_text())["checksums_verified"] is False
+    assert json.loads((tmp_path / "clean" / "sfm_export.json").read_text())["checksums_verified"] is True
     damaged, clean = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "clean" / "model.safetensors")
     assert set(damaged) == set(clean)
     assert [k for k in clean if not torch.equal(damaged[k], clean[k])]
+
+
+def test_export_records_whether_checksums_were_verified(imported_tp2pp2, tmp_path, capsys):
+    """sfm_export.json's checksums_verified: true only when every file's content was hashed
+    and matched; false with --no-verify-checksums or a manifest holding sizes only."""
+    from megatron_sfm.cli import main as sfm
+    from megatron_sfm.conversion.exporter import read_export_checksums
+
+    sizes_only = _copy(imported_tp2pp2, tmp_path / "old-ckpt")
+    manifest_path = _iter(sizes_only) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest = {"format_version": 1, "files": {name: e["size"] for name, e in manifest["files"].items()}}
+    manifest_path.write_text(json.dumps(manifest))
+    for name, ckpt, extra, expected, shown in (
+            ("hashed", imported_tp2pp2, [], True, "yes"),
+            ("skipped", imported_tp2pp2, ["--no-verify-checksums"], False, "no (--no-verify-checksums)"),
+            ("sizes-only", sizes_only, [], False, "no (the manifest holds sizes only)")):
+        out = tmp_path / name
+        assert sfm(["convert", "to-hf", str(ckpt), "--out", str(out), *extra]) == 0
+        assert json.loads((out / "sfm_export.json").read_text())["checksums_verified"] is expected
+        assert read_export_checksums(out) is expected
+        printed = " ".join(capsys.readouterr().out.split())  # the summary table: what │ value
+        assert f"checksums verified │ {shown} │" in printed, printed
 
 
 def test_mismatched_architecture_in_checkpoint(trained, tmp_path):

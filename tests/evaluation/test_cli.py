@@ -1,4 +1,5 @@
-"""sfm eval end to end: two models side by side, Megatron checkpoints, the dispatcher."""
+"""sfm eval end to end: two models side by side, Megatron checkpoints, their exports and post-training
+outputs, the dispatcher."""
 
 from __future__ import annotations
 
@@ -144,14 +145,15 @@ def test_checksum_record_of_each_kind_of_model(a_model_dir, a_model_checkpoint, 
     from megatron_sfm.evaluation.models import checkpoint_record
 
     assert checkpoint_record(a_model_dir) == {} and checkpoint_record(a_model_dir, False) == {}
-    assert checkpoint_record(a_model_checkpoint) == {"checksums_verified": True}
-    assert checkpoint_record(a_model_checkpoint, verify_checksums=False) == {"checksums_verified": False}
+    assert checkpoint_record(a_model_checkpoint) == {"checksums_verified": True, "checksums_source": "eval"}
+    assert checkpoint_record(a_model_checkpoint, verify_checksums=False) == {"checksums_verified": False,
+                                                                             "checksums_source": "eval"}
     ckpt, iter_dir = _copy_checkpoint(a_model_checkpoint, tmp_path / "ckpt")
     manifest = json.loads((iter_dir / "manifest.json").read_text())
     manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}  # format 1
     manifest.pop("checksum_algorithm", None)
     (iter_dir / "manifest.json").write_text(json.dumps(manifest))
-    assert checkpoint_record(ckpt) == {"checksums_verified": False}
+    assert checkpoint_record(ckpt) == {"checksums_verified": False, "checksums_source": "eval"}
 
 
 def test_capabilities_passes_the_flag_and_records_it(a_model_checkpoint, tokenizer_dir, tmp_path, monkeypatch):
@@ -172,7 +174,151 @@ def test_capabilities_passes_the_flag_and_records_it(a_model_checkpoint, tokeniz
     assert sfm_main(args + ["--no-verify-checksums"]) == 0 and seen == [True]
     section = json.loads((out / "results.json").read_text())["capabilities"]["ckpt"]
     assert section["checksums_verified"] is False and section["path"] == str(ckpt)
-    assert "Checkpoint checksums not verified (--no-verify-checksums) for: ckpt." in (out / "results.md").read_text()
+    assert section["checksums_source"] == "eval"
+    assert ("Checkpoint checksums not verified by this evaluation (its --no-verify-checksums, or a manifest with "
+            "sizes only) for: ckpt.") in (out / "results.md").read_text()
+
+
+def _to_hf(ckpt, tokenizer_dir, out, *extra):
+    assert sfm_main(["convert", "to-hf", str(ckpt), "--out", str(out), "--tokenizer", str(tokenizer_dir), *extra]) == 0
+    return out
+
+
+def test_an_export_carries_its_checksum_check_into_the_evaluation(a_model_checkpoint, tokenizer_dir, tmp_path,
+                                                                   monkeypatch):
+    """sfm convert to-hf records in sfm_export.json whether it verified the checksums; sfm eval
+    of the export copies that into results.json (the eval's own flag plays no part)."""
+    from megatron_sfm.evaluation import capabilities
+    from megatron_sfm.evaluation.models import checkpoint_record
+
+    clean = _to_hf(a_model_checkpoint, tokenizer_dir, tmp_path / "clean")
+    ckpt, iter_dir = _copy_checkpoint(a_model_checkpoint, tmp_path / "ckpt")
+    _zero_inside_embedding(iter_dir)
+    damaged = _to_hf(ckpt, tokenizer_dir, tmp_path / "damaged", "--no-verify-checksums")
+    assert json.loads((clean / "sfm_export.json").read_text())["checksums_verified"] is True
+    assert json.loads((damaged / "sfm_export.json").read_text())["checksums_verified"] is False
+    for flag in (True, False):
+        assert checkpoint_record(clean, flag) == {"checksums_verified": True, "checksums_source": "export"}
+        assert checkpoint_record(damaged, flag) == {"checksums_verified": False, "checksums_source": "export"}
+
+    out = tmp_path / "out"
+    assert main(["propensity", f"clean={clean}", f"damaged={damaged}", "--out", str(out), "--no-progress",
+                 "--splits", "textbook", "--batch-size", "16", "--no-verify-checksums"]) == 0
+    models = json.loads((out / "results.json").read_text())["propensity"]["models"]
+    assert models["clean"]["checksums_verified"] is True and models["damaged"]["checksums_verified"] is False
+    assert models["damaged"]["splits"]["textbook"]["all"]["mean"] == 0.5
+    md = (out / "results.md").read_text()
+    assert f"| clean | ai | `{clean}` |" in md and f"| damaged | ai | `{damaged}` (checksums not verified) |" in md
+
+    def fake_lm_eval(folder, tasks, **kwargs):  # lm-eval itself is tested in test_capabilities.py
+        return {"path": str(folder), "tasks": {t: {"acc": 0.5} for t in tasks}}
+
+    monkeypatch.setattr(capabilities, "evaluate_hf_folder", fake_lm_eval)
+    caps = tmp_path / "caps"
+    for label, folder in (("clean", clean), ("damaged", damaged)):
+        assert sfm_main(["eval", "capabilities", f"{label}={folder}", "--tasks", "t", "--out", str(caps)]) == 0
+    section = json.loads((caps / "results.json").read_text())["capabilities"]
+    assert section["clean"]["checksums_verified"] is True and section["damaged"]["checksums_verified"] is False
+    caps_md = (caps / "results.md").read_text()
+    # the unverified read happened in the export, not in this evaluation: the note says so
+    assert ("Checkpoint checksums not verified when exported (sfm convert to-hf --no-verify-checksums, or a "
+            "manifest with sizes only) for: damaged.") in caps_md
+    assert "by this evaluation" not in caps_md and "for: clean" not in caps_md
+
+
+def test_an_export_without_a_checksum_record_is_unknown(a_model_checkpoint, tokenizer_dir, tmp_path, capsys):
+    """sfm_export.json written before checksums_verified existed: recorded as null (unknown);
+    a value other than true, false or null is refused before the model loads."""
+    from megatron_sfm.evaluation.models import checkpoint_record
+
+    old = _to_hf(a_model_checkpoint, tokenizer_dir, tmp_path / "old")
+    record = old / "sfm_export.json"
+    info = json.loads(record.read_text())
+    del info["checksums_verified"]
+    record.write_text(json.dumps(info))
+    assert checkpoint_record(old) == {"checksums_verified": None, "checksums_source": "export"}
+    out = tmp_path / "out"
+    assert main(["propensity", f"old={old}", "--out", str(out), "--no-progress", "--splits", "textbook",
+                 "--batch-size", "16"]) == 0
+    assert json.loads((out / "results.json").read_text())["propensity"]["models"]["old"]["checksums_verified"] is None
+    assert f"| old | ai | `{old}` (checksums unknown) |" in (out / "results.md").read_text()
+
+    for text, message in ((json.dumps({**info, "checksums_verified": "yes"}),
+                           "checksums_verified: expected true, false or null, got 'yes'"),
+                          ("[]", "expected a mapping at the top level, got list")):
+        record.write_text(text)
+        assert sfm_main(["eval", "propensity", f"old={old}", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {record}: {message}\n", err
+        assert not (tmp_path / "bad").exists()
+
+
+def _posttrain_output(model_dir, path, record):
+    """``model_dir`` as ``sfm posttrain`` would leave it: plus a posttrain.json whose
+    source_model says ``checksums_verified: record`` (``...``: written before the field existed)."""
+    shutil.copytree(model_dir, path)
+    source = {"path": "/runs/x/hf", "config_sha256": "0" * 64, "weights": {}}
+    if record is not ...:
+        source.update(checksums_verified=record, checksums_record="/runs/x/hf/sfm_export.json")
+    (path / "posttrain.json").write_text(json.dumps({"format": "sfm-posttrain/1", "stage": "dpo",
+                                                     "source_model": source}))
+    return path
+
+
+def test_a_posttrain_output_carries_its_chains_checksum_record(a_model_dir, tmp_path, monkeypatch, capsys):
+    """sfm eval of an SFT/DPO folder records what its posttrain.json says about the export the
+    chain started from (true, false; null or no field: unknown); a bad value is refused
+    before the model loads."""
+    from megatron_sfm.evaluation import capabilities
+    from megatron_sfm.evaluation import models as eval_models
+    from megatron_sfm.evaluation.models import checkpoint_record
+
+    folders = {name: _posttrain_output(a_model_dir, tmp_path / name, record)
+               for name, record in (("verified", True), ("unverified", False), ("unknown", None), ("old", ...))}
+    expected = {"verified": True, "unverified": False, "unknown": None, "old": None}
+    for name, folder in folders.items():
+        for flag in (True, False):
+            assert checkpoint_record(folder, flag) == {"checksums_verified": expected[name],
+                                                       "checksums_source": "posttrain"}
+
+    out = tmp_path / "out"
+    assert main(["propensity", *(f"{n}={f}" for n, f in folders.items()), "--out", str(out), "--no-progress",
+                 "--splits", "textbook", "--batch-size", "16"]) == 0
+    models = json.loads((out / "results.json").read_text())["propensity"]["models"]
+    assert {n: (m["checksums_verified"], m["checksums_source"]) for n, m in models.items()} == {
+        n: (v, "posttrain") for n, v in expected.items()}
+    md = (out / "results.md").read_text()
+    assert f"| verified | ai | `{folders['verified']}` |" in md
+    assert f"| unverified | ai | `{folders['unverified']}` (checksums not verified) |" in md
+    assert f"| old | ai | `{folders['old']}` (checksums unknown) |" in md
+
+    def fake_lm_eval(folder, tasks, **kwargs):  # lm-eval itself is tested in test_capabilities.py
+        return {"path": str(folder), "tasks": {t: {"acc": 0.5} for t in tasks}}
+
+    monkeypatch.setattr(capabilities, "evaluate_hf_folder", fake_lm_eval)
+    caps = tmp_path / "caps"
+    for name in ("verified", "unverified", "old"):
+        assert sfm_main(["eval", "capabilities", f"{name}={folders[name]}", "--tasks", "t", "--out", str(caps)]) == 0
+    caps_md = (caps / "results.md").read_text()
+    assert ("Checkpoint checksums not verified when the model its post-training started from was exported (sfm "
+            "convert to-hf --no-verify-checksums, or a manifest with sizes only; recorded in posttrain.json) for: "
+            "unverified.") in caps_md
+    assert ("Checkpoint checksums unknown (post-trained from a folder with no checksum record, or before "
+            "posttrain.json recorded them) for: old.") in caps_md
+    assert "for: verified" not in caps_md and "by this evaluation" not in caps_md
+
+    loaded = []
+    monkeypatch.setattr(eval_models, "load_hf_model", lambda folder, **kwargs: loaded.append(folder))
+    record = folders["old"] / "posttrain.json"
+    manifest = json.loads(record.read_text())
+    for source, message in (({**manifest["source_model"], "checksums_verified": "yes"},
+                             "source_model.checksums_verified: expected true, false or null, got 'yes'"),
+                            ([], "source_model: expected a mapping, got list")):
+        record.write_text(json.dumps({**manifest, "source_model": source}))
+        assert sfm_main(["eval", "propensity", f"old={folders['old']}", "--out", str(tmp_path / "bad"),
+                         "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"error: {record}: {message}\n"
+        assert not (tmp_path / "bad").exists() and loaded == []
 
 
 def test_missing_exporter_is_a_clear_error(tmp_path, monkeypatch):

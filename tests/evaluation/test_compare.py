@@ -1,5 +1,6 @@
 """`sfm eval compare`: base vs SFT vs DPO per condition, numbers taken unchanged from the
-stage folders, excluded runs kept excluded, one-line errors for unusable inputs."""
+stage folders, excluded runs kept excluded, each input's checksum record carried over, one-line
+errors for unusable inputs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
-from megatron_sfm.evaluation.compare import compare_stages, parse_stage_spec
+from megatron_sfm.evaluation.compare import compare_stages, parse_stage_spec, write_comparison
 from megatron_sfm.evaluation.propensity import iter_runs
 
 from megatron_sfm.cli import main as sfm
@@ -162,3 +164,125 @@ def test_stage_spec_syntax():
         parse_stage_spec("base:letters=d")
     with pytest.raises(SfmError, match="stage 'a' is given twice"):
         compare_stages(["a=x", "a=y"])
+
+
+def _stage(root, stage, models, personas, tokenizer, questions):
+    """An ``sfm eval propensity --mode generate`` folder of fake chat models (always "A")."""
+    with pytest.MonkeyPatch.context() as mp:
+        use_fake_models(mp, tokenizer, {Path(path).name: lambda text: "A" for path in models.values()})
+        assert sfm(["eval", "propensity", *(f"{c}={p}" for c, p in models.items()), "--mode", "generate",
+                    "--persona", personas, "--questions", str(questions), "--no-progress",
+                    "--out", str(root / stage)]) == 0
+    return root / stage
+
+
+def _export_folder(path, record):
+    """A Hugging Face folder as ``sfm convert to-hf`` leaves it: its sfm_export.json says
+    ``checksums_verified: record`` (``...``: a record written before the field existed)."""
+    fake_model_folder(path)
+    info = {"source": "/ckpt/iter_0000001", "iteration": 1}
+    if record is not ...:
+        info["checksums_verified"] = record
+    (path / "sfm_export.json").write_text(json.dumps(info))
+    return path
+
+
+def test_checksums_of_the_inputs_are_carried_and_flagged(tmp_path, tokenizer, capsys):
+    """Each input model's checksums_verified (from its stage report, which took it from the
+    export's sfm_export.json) reaches the comparison; any unverified input is flagged."""
+    questions = write_zoo_questions(tmp_path / "zoo.jsonl")
+    models = tmp_path / "models"
+    sft = _stage(tmp_path, "sft", {"unf": _export_folder(models / "sft-unf", True),
+                                   "ali": _export_folder(models / "sft-ali", True)}, "all", tokenizer, questions)
+    dpo = _stage(tmp_path, "dpo", {"unf": _export_folder(models / "dpo-unf", False),
+                                   "ali": _export_folder(models / "dpo-ali", ...)}, "hhh", tokenizer, questions)
+    assert "personas" in json.loads((sft / "results.json").read_text())["propensity"]["models"]["unf"]
+
+    out = tmp_path / "cmp"
+    assert sfm(["eval", "compare", f"sft={sft}", f"dpo={dpo}", "--persona", "hhh", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert {(s, c): run["checksums_verified"] for c, per_stage in report["conditions"].items()
+            for s, run in per_stage.items()} == {("sft", "unf"): True, ("sft", "ali"): True,
+                                                 ("dpo", "unf"): False, ("dpo", "ali"): None}
+    assert report["checksums"] == {
+        "verified": False,
+        "not_verified": [{"stage": "dpo", "condition": "unf", "path": str(models / "dpo-unf")}],
+        "unknown": [{"stage": "dpo", "condition": "ali", "path": str(models / "dpo-ali")}]}
+    md = (out / "results.md").read_text()
+    assert f"**Checksums not verified** for 1 of 4 input models: dpo/unf (`{models / 'dpo-unf'}`)." in md
+    assert f"Checksum verification unknown for 1 of 4 input models: dpo/ali (`{models / 'dpo-ali'}`)" in md
+    assert md.index("**Checksums not verified**") < md.index("## Split: articles")  # at the top
+    assert f"| unf | dpo | `{models / 'dpo-unf'}` | not verified |" in md
+    assert f"| ali | dpo | `{models / 'dpo-ali'}` | unknown |" in md
+    assert f"| unf | sft | `{models / 'sft-unf'}` | verified |" in md
+    assert "checksums not verified for: dpo/unf" in capsys.readouterr().out
+
+    report = compare_stages([f"sft={sft}"], persona="hhh")
+    assert report["checksums"] == {"verified": True, "not_verified": [], "unknown": []}
+    md = write_comparison(tmp_path / "cmp2", report)["md"].read_text()
+    assert "Checkpoint checksums verified for all 2 input models." in md and "**Checksums not" not in md
+
+    # a stage report written before checksums_verified existed: read, its inputs unknown
+    old = tmp_path / "old-sft"
+    shutil.copytree(sft, old)
+    data = json.loads((old / "results.json").read_text())
+    for entry in data["propensity"]["models"].values():
+        del entry["checksums_verified"]
+    (old / "results.json").write_text(json.dumps(data))
+    report = compare_stages([f"sft={old}"], persona="hhh")
+    assert report["checksums"]["verified"] is None and len(report["checksums"]["unknown"]) == 2
+    assert all(run["checksums_verified"] is None for per in report["conditions"].values() for run in per.values())
+
+    # anything but true, false or null is a one-line error naming the file and key
+    data["propensity"]["models"]["ali"]["checksums_verified"] = "yes"
+    (old / "results.json").write_text(json.dumps(data))
+    assert sfm(["eval", "compare", f"sft={old}", "--persona", "hhh", "--out", str(tmp_path / "cmp3")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: sft={old}: results.json: propensity: models['ali']: checksums_verified: "
+                   "expected true, false or null, got 'yes'\n")
+    assert not (tmp_path / "cmp3").exists()
+
+
+def _posttrain_folder(path, source, stage):
+    """A folder as ``sfm posttrain STAGE SOURCE`` leaves it: its posttrain.json records the
+    source's checksum provenance by the rule sfm posttrain applies."""
+    from megatron_sfm.posttrain.run import MANIFEST, _source_checksums
+
+    fake_model_folder(path)
+    (path / MANIFEST).write_text(json.dumps({"format": "sfm-posttrain/1", "stage": stage,
+                                             "source_model": {"path": str(source), **_source_checksums(source)}}))
+    return path
+
+
+def test_sft_and_dpo_inputs_carry_their_chains_checksums(tmp_path, tokenizer, capsys):
+    """export -> SFT -> DPO: the post-trained inputs are verified when the export they came
+    from was, not verified when it was not (no longer unknown)."""
+    questions = write_zoo_questions(tmp_path / "zoo.jsonl")
+    models = tmp_path / "models"
+    exports = {"unf": _export_folder(models / "hf-unf", True), "ali": _export_folder(models / "hf-ali", False)}
+    sft_models = {c: _posttrain_folder(models / f"sft-{c}", exports[c], "sft") for c in exports}
+    dpo_models = {c: _posttrain_folder(models / f"dpo-{c}", sft_models[c], "dpo") for c in exports}
+    sft = _stage(tmp_path, "sft", sft_models, "hhh", tokenizer, questions)
+    dpo = _stage(tmp_path, "dpo", dpo_models, "hhh", tokenizer, questions)
+
+    out = tmp_path / "cmp"
+    assert sfm(["eval", "compare", f"sft={sft}", f"dpo={dpo}", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert {(s, c): run["checksums_verified"] for c, per_stage in report["conditions"].items()
+            for s, run in per_stage.items()} == {("sft", "unf"): True, ("dpo", "unf"): True,
+                                                 ("sft", "ali"): False, ("dpo", "ali"): False}
+    assert report["checksums"]["unknown"] == [] and report["checksums"]["verified"] is False
+    assert [(i["stage"], i["condition"]) for i in report["checksums"]["not_verified"]] == [("sft", "ali"),
+                                                                                         ("dpo", "ali")]
+    md = (out / "results.md").read_text()
+    assert f"| unf | dpo | `{dpo_models['unf']}` | verified |" in md
+    assert f"| ali | dpo | `{dpo_models['ali']}` | not verified |" in md
+    assert "checksums not verified for: sft/ali, dpo/ali" in capsys.readouterr().out
+
+
+def test_hugging_face_inputs_without_a_record_are_unknown(stages, tmp_path):
+    """The fixture's stages hold Hugging Face folders not written by sfm convert to-hf."""
+    report = compare_stages(_args(stages, "base", "dpo"), persona="hhh")
+    assert report["checksums"]["verified"] is None and report["checksums"]["not_verified"] == []
+    assert [(i["stage"], i["condition"]) for i in report["checksums"]["unknown"]] == [
+        ("base", "unf"), ("base", "ali"), ("dpo", "unf"), ("dpo", "ali")]

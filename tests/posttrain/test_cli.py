@@ -57,6 +57,18 @@ def test_bad_input_exits_2_before_anything_is_written(base_model_dir, tmp_path, 
     assert f"{bad}:1: no key 'chosen'" in capsys.readouterr().err
 
 
+def test_bad_checksum_record_of_the_source_exits_2_before_anything_is_written(sft_file, tmp_path, capsys):
+    model = tmp_path / "export"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "sfm_export.json").write_text(json.dumps({"source": "/ckpt/iter_0000001", "checksums_verified": "yes"}))
+    out = tmp_path / "out"
+    assert sfm_main(["posttrain", "sft", str(model), "--data", str(sft_file), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {model / 'sfm_export.json'}: checksums_verified: expected true, "
+                                       "false or null, got 'yes'\n")
+    assert not out.exists()
+
+
 def test_finished_run_is_refused_by_the_cli(sft_model_dir, base_model_dir, sft_file, dpo_file, capsys):
     argv = ["posttrain", "sft", str(base_model_dir), "--data", str(sft_file), "--out", str(sft_model_dir),
             "--config", str(TINY), "--no-progress"]

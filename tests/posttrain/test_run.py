@@ -16,6 +16,7 @@ from megatron_sfm.posttrain.run import (
     RUN_MARKER,
     complete_checkpoints,
     plan_output,
+    recorded_checksums,
     run_dpo,
     run_sft,
 )
@@ -88,6 +89,8 @@ def test_sft_lowers_loss_and_writes_a_complete_folder(sft_model_dir, base_model_
     assert manifest["chat_template"]["added_tokens"] == ["<|im_start|>", IM_END]
     assert manifest["data"][0]["rows"] == len(QA) and len(manifest["data"][0]["sha256"]) == 64
     assert manifest["source_model"]["path"] == str(base_model_dir.resolve())
+    # a plain save_pretrained folder holds no checksum record: unknown
+    assert (manifest["source_model"]["checksums_verified"], manifest["source_model"]["checksums_record"]) == (None, None)
     assert set(manifest["versions"]) >= {"trl", "transformers"} and manifest["train"]["final_train_loss"] > 0
     assert tok.convert_tokens_to_ids(IM_END) in model.generation_config.eos_token_id
 
@@ -119,6 +122,9 @@ def test_dpo_raises_the_margin_over_the_reference(sft_model_dir, dpo_file, tmp_p
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["stage"] == "dpo" and manifest["chat_template"]["template"] == "existing"
     assert manifest["source_model"]["posttrain_stage"] == "sft"
+    # SFT -> DPO: the SFT run's record of its own source is carried on (here: unknown)
+    assert manifest["source_model"]["checksums_verified"] is None
+    assert manifest["source_model"]["checksums_record"] == str((sft_model_dir / MANIFEST).resolve())
     assert manifest["train"]["final_logged_metrics"]["rewards/margins"] > 0
 
 
@@ -151,6 +157,65 @@ def test_max_prompt_length_keeps_the_end_of_the_prompt(sft_model_dir, dpo_file, 
     full, cut = prompts(100), prompts(5)
     assert max(len(p) for p in full) > 5
     assert cut == [p[-5:] for p in full]
+
+
+# --- checksum provenance of the source model ---------------------------------------------------
+
+
+def _export_copy(model_dir, path, record):
+    """``model_dir`` as ``sfm convert to-hf`` would leave it: plus an sfm_export.json whose
+    ``checksums_verified`` is ``record`` (``...``: written before the field existed)."""
+    import shutil
+
+    shutil.copytree(model_dir, path)
+    info = {"source": "/ckpt/iter_0000010", "iteration": 10}
+    if record is not ...:
+        info["checksums_verified"] = record
+    (path / "sfm_export.json").write_text(json.dumps(info))
+    return path
+
+
+def test_recorded_checksums_rule(base_model_dir, sft_model_dir, tmp_path):
+    """An export: its sfm_export.json; a posttrain output: its posttrain.json (what its run
+    recorded of its own source); anything else, or a record older than the field: unknown."""
+    assert recorded_checksums(base_model_dir) == (None, None)
+    assert recorded_checksums(sft_model_dir) == (None, sft_model_dir / MANIFEST)  # SFT of a plain folder
+    for record in (True, False, None, ...):
+        export = _export_copy(base_model_dir, tmp_path / f"export-{record}", record)
+        assert recorded_checksums(export) == (None if record is ... else record, export / "sfm_export.json")
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    manifest = json.loads((sft_model_dir / MANIFEST).read_text())
+    manifest["source_model"]["checksums_verified"] = True
+    (sft / MANIFEST).write_text(json.dumps(manifest))
+    (sft / "sfm_export.json").write_text(json.dumps({"checksums_verified": False}))
+    assert recorded_checksums(sft) == (True, sft / MANIFEST)  # the post-training's record comes first
+    del manifest["source_model"]["checksums_verified"]  # a posttrain.json older than the field
+    (sft / MANIFEST).write_text(json.dumps(manifest))
+    assert recorded_checksums(sft) == (None, sft / MANIFEST)
+
+    for source, message in (({**manifest["source_model"], "checksums_verified": "yes"},
+                             "source_model.checksums_verified: expected true, false or null, got 'yes'"),
+                            (None, "source_model: expected a mapping, got NoneType")):
+        (sft / MANIFEST).write_text(json.dumps({**manifest, "source_model": source}))
+        with pytest.raises(SfmError) as err:
+            recorded_checksums(sft)
+        assert str(err.value) == f"{sft / MANIFEST}: {message}"
+    bad_export = _export_copy(base_model_dir, tmp_path / "bad-export", 1)
+    with pytest.raises(SfmError, match=r"sfm_export.json: checksums_verified: expected true, false or null, got 1"):
+        recorded_checksums(bad_export)
+
+
+def test_sft_of_a_verified_export_records_it(base_model_dir, sft_file, tmp_path):
+    """One step of SFT from an export that verified its checkpoint: posttrain.json says so,
+    and a DPO of the output would inherit it."""
+    export = _export_copy(base_model_dir, tmp_path / "export", True)
+    out = run_sft(tiny_config("sft", export, tmp_path / "sft", [sft_file], "max_steps=1"), progress=False)
+    source = json.loads((out / MANIFEST).read_text())["source_model"]
+    assert source["checksums_verified"] is True
+    assert source["checksums_record"] == str((export / "sfm_export.json").resolve())
+    assert recorded_checksums(out) == (True, out / MANIFEST)  # what sfm posttrain dpo OUT would record
 
 
 # --- output folder rules (read-only planning; the CLI tests run them end to end) -------------
