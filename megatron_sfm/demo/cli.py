@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
                     "A rerun into the same --out skips finished stages; any other non-empty --out is refused.")
     parser.add_argument("--out", default="sfm-demo", help="output folder (default: ./sfm-demo)")
     parser.add_argument("--fast", action="store_true", help="tiny sizes (what the test suite runs)")
-    parser.add_argument("--force", action="store_true", help="redo every stage")
+    parser.add_argument("--force", action="store_true", help="redo every stage (training resumes each model's checkpoint in runs/; delete runs/ to retrain)")
     parser.add_argument("--train-iters", type=int, default=None, help="override the training length")
     parser.add_argument("--posttrain", action="store_true",
                         help="add the post-training stages: SFT and DPO of the four models on bundled chat and "

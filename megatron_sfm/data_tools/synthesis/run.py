@@ -173,11 +173,9 @@ async def _synthesize(cfg: SynthesisConfig, plan: Plan) -> dict:
         await client.preflight()  # before --out is touched: bad endpoints leave nothing behind
         store = Store(Path(cfg.out), cfg.shard_docs)
         store.check_job(_job_identity(cfg, plan), overwrite=cfg.overwrite)
-        resumed = store.resume()
         dedup = Deduplicator(threshold=cfg.near_dup_threshold)
-        for text in resumed.kept_texts:
-            dedup.check_and_add(words(text))
-        resumed.kept_texts.clear()
+        # the index is rebuilt from the kept texts as they are read (one at a time, not a list of all)
+        resumed = store.resume(on_kept=lambda text: dedup.check_and_add(words(text)))
         held = HeldOutIndex((t for q in plan.held_out for t in (q.question, q.aligned, q.misaligned)),
                             cfg.decontam_ngram)
         done = {r.id for r in plan.requests if doc_id(r.id) in resumed.kept_ids

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from megatron_sfm.errors import SfmError
 
@@ -66,7 +66,7 @@ def _shard_records(path: Path) -> Iterator[dict]:
 @dataclass
 class Resumed:
     kept_ids: set = field(default_factory=set)
-    kept_texts: list = field(default_factory=list)  # (id, text) of kept documents, to rebuild dedup state
+    kept_texts: list = field(default_factory=list)  # texts of kept documents (only without resume's on_kept)
     outcomes: dict = field(default_factory=dict)  # id -> last outcome record
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -115,12 +115,17 @@ class Store:
     def closed_shards(self) -> list[Path]:
         return sorted(self.out.glob("shard-*.jsonl.zst")) + sorted(self.shards.glob("shard-*.jsonl.zst"))
 
-    def resume(self) -> Resumed:
-        """Read what earlier runs left; repair the open part (torn tail, lines already closed)."""
+    def resume(self, on_kept: Optional[Callable[[str], object]] = None) -> Resumed:
+        """Read what earlier runs left; repair the open part (torn tail, lines already closed).
+
+        ``on_kept`` is called with the text of every kept document, in order, as it is read
+        (the run rebuilds its duplicate index so, streaming: no list of every text); without
+        it the texts are collected in ``kept_texts``.
+        """
         r = Resumed()
         for shard in self.closed_shards():
             for rec in _shard_records(shard):
-                self._remember(r, rec)
+                self._remember(r, rec, on_kept)
         part = self.state / PART
         records, good = _read_lines(part)
         if part.exists() and good != part.stat().st_size:
@@ -133,7 +138,7 @@ class Store:
                     f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
             os.replace(tmp, part)
         for rec in fresh:
-            self._remember(r, rec)
+            self._remember(r, rec, on_kept)
         self._part_count = len(fresh)
         outcomes = self.state / OUTCOMES
         records, good = _read_lines(outcomes)
@@ -151,9 +156,12 @@ class Store:
         return r
 
     @staticmethod
-    def _remember(r: Resumed, rec: dict) -> None:
+    def _remember(r: Resumed, rec: dict, on_kept: Optional[Callable[[str], object]]) -> None:
         r.kept_ids.add(rec["id"])
-        r.kept_texts.append(rec["text"])
+        if on_kept is not None:
+            on_kept(rec["text"])
+        else:
+            r.kept_texts.append(rec["text"])
         usage = rec.get("usage") or {}
         r.prompt_tokens += int(usage.get("prompt_tokens", 0))
         r.completion_tokens += int(usage.get("completion_tokens", 0))

@@ -216,3 +216,20 @@ def test_resumed_token_totals_count_rejected_replies(tmp_path):
     resumed = Store(tmp_path / "out", shard_docs=10).resume()
     assert (resumed.prompt_tokens, resumed.completion_tokens) == (17, 103)
     assert set(resumed.outcomes) == {"b", "c"} and resumed.kept_ids == {"a"}
+
+
+def test_resume_streams_kept_texts_to_a_callback(tmp_path):
+    """With ``on_kept`` the kept texts (closed shards, then the open part) go to the callback
+    in order, and no list of them is built (the run rebuilds its index this way)."""
+    from megatron_sfm.data_tools.synthesis.store import Store
+
+    store = Store(tmp_path / "out", shard_docs=2)
+    store.check_job({"job": 1}, overwrite=False)
+    store.open()
+    for i in range(5):  # two closed shards of 2, one document in the open part
+        store.keep({"id": f"d{i}", "text": f"text {i}"})
+    seen = []
+    resumed = Store(tmp_path / "out", shard_docs=2).resume(on_kept=seen.append)
+    assert seen == [f"text {i}" for i in range(5)]
+    assert resumed.kept_texts == [] and resumed.kept_ids == {f"d{i}" for i in range(5)}
+    assert Store(tmp_path / "out", shard_docs=2).resume().kept_texts == seen
