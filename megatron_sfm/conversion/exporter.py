@@ -220,14 +220,10 @@ def read_export_checksums(hf_dir: str | os.PathLike) -> bool | None:
     or the manifest held sizes only, None (unknown) for an export written before the field
     existed. A missing or unreadable file, or another value, is an :class:`SfmError`
     naming the file and key."""
-    from megatron_sfm.utils.readers import read_json
+    from megatron_sfm.utils.readers import optional_bool, read_json
 
     path = Path(hf_dir) / EXPORT_RECORD
-    data = read_json(path)
-    value = data.get("checksums_verified")
-    if value is not None and not isinstance(value, bool):
-        raise SfmError(f"{path}: checksums_verified: expected true, false or null, got {value!r}")
-    return value
+    return optional_bool(read_json(path).get("checksums_verified"), f"{path}: checksums_verified")
 
 
 def _write_json(path: Path, obj: Any) -> None:

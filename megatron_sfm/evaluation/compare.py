@@ -164,11 +164,11 @@ def _checksums_of(spec: StageSpec, prop: dict[str, Any], label: str) -> bool | N
     """The model entry's ``checksums_verified``: True/False as recorded (for an ``sfm
     posttrain`` output, its chain's export's), None (unknown) when null or absent (a Hugging
     Face folder with nothing recorded, or a report written before the field existed)."""
-    value = prop["models"][label].get("checksums_verified")
-    if value is not None and not isinstance(value, bool):
-        raise SfmError(f"{spec.text}: {RESULTS_JSON}: {section_for_mode(prop['mode'])}: models[{label!r}]: "
-                       f"checksums_verified: expected true, false or null, got {value!r}")
-    return value
+    from megatron_sfm.utils.readers import optional_bool
+
+    return optional_bool(prop["models"][label].get("checksums_verified"),
+                         f"{spec.text}: {RESULTS_JSON}: {section_for_mode(prop['mode'])}: models[{label!r}]: "
+                         "checksums_verified")
 
 
 def load_stage(spec: StageSpec, persona: str | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -257,10 +257,13 @@ def compare_stages(stages, *, persona: str | None = None) -> dict[str, Any]:
 
 
 def _checksums_summary(loaded, conditions: list[str]) -> dict[str, Any]:
-    inputs = [{"stage": spec.stage, "condition": c, "path": runs[c].get("path"),
-               "verified": runs[c]["checksums_verified"]} for spec, _, runs in loaded for c in conditions]
-    not_verified = [{k: v for k, v in i.items() if k != "verified"} for i in inputs if i["verified"] is False]
-    unknown = [{k: v for k, v in i.items() if k != "verified"} for i in inputs if i["verified"] is None]
+    not_verified, unknown = [], []
+    for spec, _, runs in loaded:
+        for c in conditions:
+            verified = runs[c]["checksums_verified"]
+            if verified is not True:
+                (unknown if verified is None else not_verified).append(
+                    {"stage": spec.stage, "condition": c, "path": runs[c].get("path")})
     return {"verified": False if not_verified else None if unknown else True,
             "not_verified": not_verified, "unknown": unknown}
 

@@ -384,7 +384,7 @@ def _checksums_notes(caps: dict[str, Any]) -> list[str]:
     not_verified: dict[str, list[str]] = {}
     unknown: dict[str, list[str]] = {}
     for label, entry in caps.items():
-        if "checksums_verified" not in entry or entry["checksums_verified"] is True:
+        if not unverified_note(entry):  # verified, or nothing recorded
             continue
         source = entry.get("checksums_source")
         if entry["checksums_verified"] is False:

@@ -197,9 +197,8 @@ def _source_model(model_dir: Path, checksums: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(model_dir.resolve())}
     info["config_sha256"] = file_digest(model_dir / "config.json")[1]
     info["weights"] = {p.name: p.stat().st_size for p in sorted(model_dir.glob("*.safetensors"))}
-    if (model_dir / MANIFEST).is_file():
-        with contextlib.suppress(SfmError):
-            info["posttrain_stage"] = read_manifest(model_dir).get("stage")
+    if (model_dir / MANIFEST).is_file():  # readable: _source_checksums read it first
+        info["posttrain_stage"] = read_manifest(model_dir).get("stage")
     return {**info, **checksums}
 
 
@@ -212,10 +211,9 @@ def read_source_checksums(out: str | os.PathLike) -> bool | None:
     source = read_manifest(out).get("source_model")
     if not isinstance(source, dict):
         raise SfmError(f"{path}: source_model: expected a mapping, got {type(source).__name__}")
-    value = source.get("checksums_verified")
-    if value is not None and not isinstance(value, bool):
-        raise SfmError(f"{path}: source_model.checksums_verified: expected true, false or null, got {value!r}")
-    return value
+    from megatron_sfm.utils.readers import optional_bool
+
+    return optional_bool(source.get("checksums_verified"), f"{path}: source_model.checksums_verified")
 
 
 def recorded_checksums(model_dir: str | os.PathLike) -> tuple[bool | None, Path | None]:

@@ -37,6 +37,13 @@ def _check_type(value: Any, expect: Optional[type], where: str, error: type[SfmE
     return value
 
 
+def optional_bool(value: Any, where: str, error: type[SfmError] = SfmError) -> Optional[bool]:
+    """``value`` when it is true, false or None (JSON null: unknown); else an error naming ``where``."""
+    if value is not None and not isinstance(value, bool):
+        raise error(f"{where}: expected true, false or null, got {value!r}")
+    return value
+
+
 def read_json(path: str | os.PathLike, *, key: Optional[str] = None, expect: Optional[type] = dict,
               error: type[SfmError] = SfmError) -> Any:
     """The JSON value in ``path`` (checked to be an ``expect`` unless ``expect`` is None)."""
